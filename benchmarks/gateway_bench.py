@@ -1,0 +1,179 @@
+"""How much latency metergate adds and how much throughput it keeps, measured side by side in one run.
+
+    python benchmarks/gateway_bench.py [--duration 8] [--budgets]
+
+Starts the simulated provider and a metergate gateway in front of it (separate processes), then drives both with
+`wrk` (Debian package `wrk`): sequential requests (one connection) for latency percentiles and 32 connections for
+throughput, non-streaming and streaming chat completions. Prints the added p50/p99 latency and the gateway's
+throughput as a fraction of calling the simulator directly. Absolute figures depend on the machine; the ratios
+are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+GATEWAY_KEY = "mg-bench-key"
+CHAT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Summarise the quarterly report in three bullet points for the finance team."}],"max_tokens":200}'
+STREAM_BODY = CHAT_BODY[:-1] + ',"stream":true}'
+LUA = """
+wrk.method = "POST"
+wrk.body = os.getenv("BENCH_BODY")
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
+wrk.headers["x-sim-output-tokens"] = "120"
+"""
+
+
+@dataclass
+class Result:
+    p50_ms: float
+    p99_ms: float
+    rps: float
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 15.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def _ms(value: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", value)
+    if not m:
+        raise ValueError(value)
+    n, unit = float(m.group(1)), m.group(2)
+    return n / 1000 if unit == "us" else n * 1000 if unit == "s" else n
+
+
+def wrk(url: str, body: str, key: str, connections: int, duration: float, script: Path) -> Result:
+    env = dict(os.environ, BENCH_BODY=body, BENCH_KEY=key)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(script), url],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise SystemExit(f"{url}: {non2xx.group(1)} error responses during the benchmark:\n{out}")
+    assert p50 and p99 and rps, out
+    return Result(_ms(p50.group(1)), _ms(p99.group(1)), float(rps.group(1)))
+
+
+def gateway_config(sim_url: str, listen: str, metrics: str, workdir: Path, budgets: bool) -> str:
+    digest = hashlib.sha256(GATEWAY_KEY.encode()).hexdigest()
+    extra = ""
+    if budgets:
+        extra = textwrap.dedent(
+            f"""
+            ledger: {{url: "sqlite:///{workdir}/ledger.db"}}
+            budgets:
+              - {{team: bench, period: day, limit_usd: 1000000, action: block}}
+              - {{team: bench, app: wrk, period: month, limit_usd: 1000000, action: alert}}
+            """
+        )
+    return textwrap.dedent(
+        f"""
+        server: {{listen: "{listen}", metrics_listen: "{metrics}"}}
+        providers:
+          openai: {{type: openai, base_url: "{sim_url}", api_key_env: BENCH_OPENAI_KEY}}
+        routes:
+          - {{model: "gpt-*", provider: openai}}
+        keys:
+          - {{sha256: "{digest}", team: bench, app: wrk}}
+        """
+    ) + extra
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    parser.add_argument("--budgets", action="store_true", help="run the gateway with budgets and the SQLite ledger on")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install -y wrk")
+    sim_port, gw_port, metrics_port = free_port(), free_port(), free_port()
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        script = workdir / "post.lua"
+        script.write_text(LUA)
+        config = workdir / "gateway.yaml"
+        config.write_text(
+            gateway_config(sim_url, f"127.0.0.1:{gw_port}", f"127.0.0.1:{metrics_port}", workdir, args.budgets)
+        )
+        env = dict(os.environ, BENCH_OPENAI_KEY="sk-sim-openai")
+        try:
+            procs.append(
+                subprocess.Popen([sys.executable, "-m", "metergate.simulator", "--port", str(sim_port)], env=env)
+            )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "metergate", "serve", "--config", str(config), "--log-level", "warning"],
+                    env=env,
+                )
+            )
+            wait_http(f"http://127.0.0.1:{metrics_port}/healthz")
+            direct = f"{sim_url}/v1/chat/completions"
+            via = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
+            # Warm both paths (connection pools, price cards, caches).
+            wrk(direct, CHAT_BODY, "sk-sim-openai", 4, 1, script)
+            wrk(via, CHAT_BODY, GATEWAY_KEY, 4, 1, script)
+            rows = []
+            for label, body in (("non-streaming", CHAT_BODY), ("streaming", STREAM_BODY)):
+                d1 = wrk(direct, body, "sk-sim-openai", 1, args.duration, script)
+                g1 = wrk(via, body, GATEWAY_KEY, 1, args.duration, script)
+                d32 = wrk(direct, body, "sk-sim-openai", 32, args.duration, script)
+                g32 = wrk(via, body, GATEWAY_KEY, 32, args.duration, script)
+                rows.append((label, d1, g1, d32, g32))
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(timeout=30)
+    mode = "budgets + SQLite ledger on" if args.budgets else "no budgets, no ledger"
+    print(f"\nmetergate gateway benchmark ({mode}; wrk, 1 thread; {args.duration:.0f}s per run)\n")
+    header = f"{'call':<15}{'direct p50':>11}{'gw p50':>9}{'added p50':>11}{'added p99':>11}{'direct rps':>12}{'gw rps':>9}{'kept':>7}"
+    print(header)
+    print("-" * len(header))
+    for label, d1, g1, d32, g32 in rows:
+        print(
+            f"{label:<15}{d1.p50_ms:>9.3f}ms{g1.p50_ms:>7.3f}ms{g1.p50_ms - d1.p50_ms:>9.3f}ms"
+            f"{g1.p99_ms - d1.p99_ms:>9.3f}ms{d32.rps:>12.0f}{g32.rps:>9.0f}{g32.rps / d32.rps:>7.2f}"
+        )
+    print("\nadded = gateway minus direct at one connection; kept = gateway rps / direct rps at 32 connections")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""The gateway's configuration: a YAML file validated into typed models.
+
+Every field is declared here and unknown keys are errors, so a typo never silently turns a feature off.
+Validation errors name the field and the line of the file it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ProviderType = Literal["openai", "openai-compatible", "azure-openai", "anthropic", "gemini"]
+
+# The genai-prices provider each provider type is priced as, unless the config says otherwise.
+DEFAULT_PRICING_PROVIDER: dict[str, str | None] = {
+    "openai": "openai",
+    "azure-openai": "azure",
+    "anthropic": "anthropic",
+    "gemini": "google",
+    "openai-compatible": None,
+}
+
+LabelValue = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the field and, when known, the line."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class ServerConfig(_Model):
+    listen: str = "127.0.0.1:8080"
+    metrics_listen: str = "127.0.0.1:9102"
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    trusted_headers: bool = False
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    upstream_timeout_s: float = Field(default=600.0, gt=0)
+    # After a client hangs up mid-stream the upstream is still read to learn what it billed, for at most this long.
+    drain_timeout_s: float = Field(default=120.0, gt=0)
+    shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    timezone: str = "UTC"
+
+    @field_validator("listen", "metrics_listen")
+    @classmethod
+    def _hostport(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {v!r}") from exc
+        return v
+
+
+class ProviderConfig(_Model):
+    type: ProviderType
+    base_url: str
+    api_key_env: str | None = None
+    # azure-openai: the api-version query parameter and the deployment -> model map used for pricing.
+    api_version: str | None = None
+    deployments: dict[str, str] = Field(default_factory=dict)
+    # genai-prices provider id used to price this provider's traffic (e.g. "groq" for an openai-compatible Groq).
+    pricing_provider: str | None = None
+    connect_timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0)
+    max_connections: int = Field(default=0, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"base_url must be an http(s) URL, got {v!r}")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _azure(self) -> ProviderConfig:
+        if self.type == "azure-openai" and not self.api_version:
+            raise ValueError("azure-openai providers need api_version")
+        if self.type != "azure-openai" and (self.deployments or self.api_version):
+            raise ValueError("api_version and deployments only apply to azure-openai providers")
+        return self
+
+    @property
+    def pricing_provider_id(self) -> str | None:
+        return self.pricing_provider or DEFAULT_PRICING_PROVIDER[self.type]
+
+
+class RouteConfig(_Model):
+    model: str = Field(min_length=1)
+    provider: str
+    # Alias: clients ask for `model`, the provider is sent `upstream_model`.
+    upstream_model: str | None = None
+
+    def matches(self, model: str) -> bool:
+        return fnmatchcase(model, self.model)
+
+    @property
+    def is_glob(self) -> bool:
+        return any(c in self.model for c in "*?[")
+
+
+class KeyConfig(_Model):
+    sha256: str
+    team: LabelValue
+    app: LabelValue
+    id: str | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        v = v.lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("sha256 must be 64 hex characters (the hash of the key, never the key)")
+        return v
+
+    @property
+    def key_id(self) -> str:
+        return self.id or self.sha256[:12]
+
+
+class TeamConfig(_Model):
+    """A team and its apps, for attribution without keys (trusted headers) and for budgets."""
+
+    name: LabelValue
+    apps: list[LabelValue] = Field(default_factory=list)
+
+
+class PriceConfig(_Model):
+    """A per-model price in USD per million tokens, overriding or adding to the genai-prices catalogue."""
+
+    model: str = Field(min_length=1)
+    provider: str | None = None
+    input_mtok: float = Field(ge=0)
+    output_mtok: float = Field(default=0.0, ge=0)
+    cache_read_mtok: float | None = Field(default=None, ge=0)
+    cache_write_mtok: float | None = Field(default=None, ge=0)
+
+    def matches(self, provider: str, model: str) -> bool:
+        return (self.provider is None or self.provider == provider) and fnmatchcase(model, self.model)
+
+
+class BudgetConfig(_Model):
+    team: LabelValue
+    app: LabelValue | None = None
+    period: Literal["day", "week", "month"]
+    limit_usd: float = Field(gt=0)
+    action: Literal["block", "alert"] = "alert"
+    warn_at: float = Field(default=0.8, gt=0, le=1)
+
+    @property
+    def scope(self) -> str:
+        return f"{self.team}/{self.app}" if self.app else self.team
+
+
+class LedgerConfig(_Model):
+    url: str = "sqlite:///metergate.db"
+    batch_size: int = Field(default=500, gt=0)
+    flush_interval_s: float = Field(default=0.2, gt=0)
+    spool_max_records: int = Field(default=1_000_000, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not (v.startswith("sqlite:///") or v.startswith(("postgresql://", "postgres://"))):
+            raise ValueError("ledger url must start with sqlite:/// or postgresql://")
+        return v
+
+
+class BudgetDefaults(_Model):
+    # Worst-case output reserved when a request does not say max_tokens.
+    default_max_output_tokens: int = Field(default=4096, gt=0)
+
+
+class Config(_Model):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    providers: dict[LabelValue, ProviderConfig]
+    routes: list[RouteConfig]
+    keys: list[KeyConfig] = Field(default_factory=list)
+    teams: list[TeamConfig] = Field(default_factory=list)
+    prices: list[PriceConfig] = Field(default_factory=list)
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    budget_defaults: BudgetDefaults = Field(default_factory=BudgetDefaults)
+    ledger: LedgerConfig | None = None
+
+    @model_validator(mode="after")
+    def _cross_refs(self) -> Config:
+        for i, route in enumerate(self.routes):
+            if route.provider not in self.providers:
+                raise _FieldError(("routes", i, "provider"), f"unknown provider {route.provider!r}")
+        seen: set[str] = set()
+        for i, key in enumerate(self.keys):
+            if key.sha256 in seen:
+                raise _FieldError(("keys", i, "sha256"), "duplicate key")
+            seen.add(key.sha256)
+        known_teams = self.known_teams()
+        for i, budget in enumerate(self.budgets):
+            if budget.team not in known_teams:
+                raise _FieldError(
+                    ("budgets", i, "team"),
+                    f"budget for unknown team {budget.team!r}: no key or teams entry names it",
+                )
+            if budget.app is not None and budget.app not in self.known_apps():
+                raise _FieldError(("budgets", i, "app"), f"budget for unknown app {budget.app!r}")
+        return self
+
+    def known_teams(self) -> set[str]:
+        return {k.team for k in self.keys} | {t.name for t in self.teams}
+
+    def known_apps(self) -> set[str]:
+        return {k.app for k in self.keys} | {a for t in self.teams for a in t.apps}
+
+    def timezone(self) -> ZoneInfo:
+        return ZoneInfo(self.server.timezone)
+
+    def missing_secrets(self) -> list[str]:
+        """Provider fields whose environment variable is unset."""
+        return [
+            f"providers.{name}.api_key_env: environment variable {p.api_key_env} is not set"
+            for name, p in self.providers.items()
+            if p.api_key_env and not os.environ.get(p.api_key_env)
+        ]
+
+
+class _FieldError(ValueError):
+    """A cross-field error that knows which field it is about."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a mapping with providers and routes")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_explain(exc, node, source))) from exc
+
+
+def _explain(exc: ValidationError, root: yaml.Node | None, source: str) -> Iterator[str]:
+    for err in exc.errors():
+        loc: Sequence[str | int] = err["loc"]
+        message = err["msg"]
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _FieldError):
+            loc = (*loc, *ctx_error.loc)
+            message = str(ctx_error)
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(root, loc)
+        where = f"{source}:{line}" if line else source
+        yield f"{where}: {field}: {message}"
+
+
+def _line_of(node: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
+    """The 1-based line of the YAML node at `loc`, or of its nearest existing parent."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        child: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    child = value_node if part != loc[-1] else key_node
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+        if child is None:
+            break
+        node = child
+        line = node.start_mark.line + 1
+    return line

@@ -1,0 +1,573 @@
+"""One request through the gateway: authenticate, route, forward, relay, meter.
+
+The HTTP edge (`edge.py`) hands each request here as an `InboundRequest` with a `Responder` to write to, so this
+module knows nothing of ASGI and the edge knows nothing of providers, prices or metrics.
+
+Accounting rules enforced here:
+- a request is recorded exactly once, whatever happens (success, upstream error, bad input, disconnect);
+- a streamed response is relayed chunk by chunk as it arrives and metered on the way;
+- when the client hangs up mid-stream the upstream is still read, for at most `drain_timeout_s`, because the
+  provider bills the whole generation and reports the usage only at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from itertools import count as counter
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+
+from metergate.auth import KeyRing, Principal
+from metergate.config import Config
+from metergate.endpoints import EndpointMatch, Family, family_for_path, match_endpoint
+from metergate.errors import GatewayError, error_body, stream_error_event
+from metergate.labels import OTHER, UNAUTHENTICATED, LabelPolicy
+from metergate.metrics import Meter
+from metergate.pricing import PriceBook
+from metergate.providers import API_ADAPTERS, RequestFacts, StreamMeter, Upstream
+from metergate.providers.gemini import GeminiApi, GeminiUpstream
+from metergate.routing import Route, Router
+from metergate.usage import Usage, UsageError, UsageRecord
+
+log = logging.getLogger("metergate.gateway")
+
+# Request headers never forwarded: hop-by-hop, framing recomputed by the client library, the client's gateway
+# key (replaced by the provider credential) and encodings (the gateway must read what it relays).
+_DROP_REQUEST = frozenset(
+    {
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "accept-encoding",
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+    }
+)
+_DROP_RESPONSE = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "upgrade", "trailer"}
+)
+COST_HEADER = b"x-metergate-cost-usd"
+REQUEST_ID_HEADER = b"x-metergate-request-id"
+_JSON = [(b"content-type", b"application/json")]
+
+
+@dataclass(slots=True)
+class InboundRequest:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+    body_too_large: bool = False
+
+
+class Responder(Protocol):
+    """Where the gateway writes the response; implemented by the HTTP edge."""
+
+    @property
+    def disconnected(self) -> bool: ...
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    async def send(self, body: bytes, more: bool = False) -> None: ...
+
+
+class Admission(Protocol):
+    """Budget enforcement: reserve a worst-case cost before forwarding, settle it with the real cost after."""
+
+    async def reserve(self, ctx: RequestContext) -> object | None: ...
+
+    def settle(self, reservation: object | None, record: UsageRecord) -> None: ...
+
+
+RecordSink = Callable[[UsageRecord], None]
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What is known about a request so far; filled in as it moves through the gateway."""
+
+    request_id: str
+    started: float  # perf_counter
+    started_at: float  # unix time
+    match: EndpointMatch
+    principal: Principal | None = None
+    facts: RequestFacts | None = None
+    route: Route | None = None
+    model_label: str = OTHER
+    provider_label: str = OTHER
+    body: dict[str, Any] | None = None
+    ttft: float | None = None
+    reservation: object | None = None
+
+    @property
+    def family(self) -> Family:
+        return self.match.endpoint.family
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        keys: KeyRing,
+        prices: PriceBook,
+        labels: LabelPolicy,
+        upstreams: dict[str, Upstream],
+        meter: Meter,
+        sinks: list[RecordSink] | None = None,
+        admission: Admission | None = None,
+    ) -> None:
+        self.config = config
+        self.keys = keys
+        self.prices = prices
+        self.labels = labels
+        self.upstreams = upstreams
+        self.router = Router(config.routes, upstreams)
+        self.meter = meter
+        self.sinks = sinks or []
+        self.admission = admission
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._ids = counter(1)
+        self._id_prefix = os.urandom(4).hex()
+        self._background: set[asyncio.Task[None]] = set()
+        self._models_body: bytes | None = None
+        self.in_flight = 0
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        server = self.config.server
+        for name, upstream in self.upstreams.items():
+            connector = aiohttp.TCPConnector(
+                limit=upstream.config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
+            )
+            self._sessions[name] = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=True,
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=upstream.config.connect_timeout_s or server.connect_timeout_s,
+                    sock_read=upstream.config.timeout_s or server.upstream_timeout_s,
+                ),
+                skip_auto_headers=("User-Agent",),
+            )
+
+    async def close(self) -> None:
+        """Wait for post-response work (token counts), then close upstream connections."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=self.config.server.shutdown_timeout_s or None)
+        for session in self._sessions.values():
+            await session.close()
+
+    # --- one request -----------------------------------------------------------------------------------------
+
+    async def handle(self, req: InboundRequest, out: Responder) -> None:
+        match = match_endpoint(req.method, req.path)
+        if match is None:
+            family = family_for_path(req.path)
+            err = GatewayError(404, "unknown_route", f"Unknown route: {req.method} {req.path}")
+            await self._send_error(out, family, err, None)
+            return
+        ctx = RequestContext(
+            request_id=f"{self._id_prefix}-{next(self._ids)}",
+            started=time.perf_counter(),
+            started_at=time.time(),
+            match=match,
+        )
+        self.in_flight += 1
+        try:
+            await self._handle(req, out, ctx)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, req: InboundRequest, out: Responder, ctx: RequestContext) -> None:
+        endpoint = ctx.match.endpoint
+        ctx.principal = self.keys.authenticate(req.headers, req.query)
+        if ctx.principal is None:
+            err = GatewayError(
+                401, "unauthorized", "Invalid or missing API key: use a key issued by the metergate gateway."
+            )
+            await self._fail(out, ctx, err)
+            return
+        if endpoint.operation == "models":
+            await self._list_models(out)
+            return
+        try:
+            if req.body_too_large:
+                raise GatewayError(
+                    413,
+                    "body_too_large",
+                    f"Request body exceeds the gateway limit of {self.config.server.max_body_bytes} bytes.",
+                )
+            ctx.body = _json_object(req.body)
+            adapter = API_ADAPTERS[ctx.family]
+            ctx.facts = facts = adapter.request_facts(endpoint, ctx.body, ctx.match.path_model)
+            ctx.route = route = self._route(ctx, facts.model)
+        except GatewayError as err:
+            await self._fail(out, ctx, err)
+            return
+        upstream = route.upstream
+        principal = ctx.principal
+        ctx.provider_label = upstream.name
+        ctx.model_label = self.labels.model(upstream.name, upstream.config.pricing_provider_id, route.upstream_model)
+        if self.admission is not None:
+            try:
+                ctx.reservation = await self.admission.reserve(ctx)
+            except GatewayError as err:
+                await self._fail(out, ctx, err)
+                return
+        flight = (self.labels.team(principal.team), self.labels.app(principal.app), endpoint.label, upstream.name)
+        self.meter.request_started(*flight)
+        try:
+            await self._forward(req, out, ctx, upstream, route, facts)
+        finally:
+            self.meter.request_finished(*flight)
+
+    def _route(self, ctx: RequestContext, model: str) -> Route:
+        route = self.router.resolve(model, ctx.match)
+        if route is None:
+            raise GatewayError(
+                404,
+                "unknown_model",
+                f"The model `{model}` does not exist or is not routed by this gateway.",
+                code="model_not_found",
+            )
+        return route
+
+    # --- forwarding ------------------------------------------------------------------------------------------
+
+    async def _forward(
+        self,
+        req: InboundRequest,
+        out: Responder,
+        ctx: RequestContext,
+        upstream: Upstream,
+        route: Route,
+        facts: RequestFacts,
+    ) -> UsageRecord:
+        endpoint = ctx.match.endpoint
+        assert ctx.body is not None
+        wire_model = upstream.wire_model(route.upstream_model)
+        new_model = wire_model if wire_model != facts.model else None
+        if new_model is not None or facts.inject_stream_usage:
+            body = orjson.dumps(API_ADAPTERS[ctx.family].upstream_body(ctx.body, facts, new_model))
+        else:
+            body = req.body  # forwarded byte for byte
+        url = upstream.url(ctx.match, req.path, req.query, route.upstream_model)
+        headers = [(k, v) for k, v in req.headers.items() if k not in _DROP_REQUEST and not k.startswith("x-metergate-")]
+        headers.append(("accept-encoding", "identity"))
+        headers.extend(upstream.auth_headers().items())
+        session = self._sessions[upstream.name]
+        try:
+            response = await session.request(req.method, url, data=body, headers=headers)
+        except TimeoutError:
+            return await self._fail(out, ctx, GatewayError(504, "upstream_timeout", "The upstream provider timed out."))
+        except aiohttp.ClientConnectorError as exc:
+            return await self._fail(
+                out, ctx, GatewayError(502, "upstream_unreachable", f"The upstream provider is unreachable: {exc.strerror or exc}")
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            return await self._fail(
+                out, ctx, GatewayError(502, "upstream_reset", f"The upstream connection failed: {type(exc).__name__}")
+            )
+        async with response:
+            content_type = response.headers.get("content-type", "")
+            streamed = response.status < 400 and (
+                "text/event-stream" in content_type or endpoint.operation == "stream_generate"
+            )
+            if streamed:
+                sse = "text/event-stream" in content_type
+                meter = API_ADAPTERS[ctx.family].stream_meter(endpoint, facts, sse)
+                return await self._relay_stream(out, ctx, response, meter)
+            return await self._relay_body(out, ctx, response)
+
+    async def _relay_body(self, out: Responder, ctx: RequestContext, response: aiohttp.ClientResponse) -> UsageRecord:
+        endpoint = ctx.match.endpoint
+        try:
+            data = await response.read()
+        except TimeoutError:
+            return await self._fail(out, ctx, GatewayError(504, "upstream_timeout", "The upstream provider timed out."))
+        except (aiohttp.ClientError, OSError) as exc:
+            return await self._fail(
+                out, ctx, GatewayError(502, "upstream_reset", f"The upstream connection failed: {type(exc).__name__}")
+            )
+        status = response.status
+        usage = Usage()
+        error_type = None
+        count_later = False
+        if status >= 400:
+            error_type = _upstream_error_type(status)
+        elif endpoint.billed:
+            try:
+                parsed = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return await self._fail(
+                    out,
+                    ctx,
+                    GatewayError(502, "upstream_malformed", "The upstream provider returned a response that is not JSON."),
+                )
+            try:
+                usage = API_ADAPTERS[ctx.family].usage_from_body(endpoint, parsed)
+            except UsageError as exc:
+                if ctx.family == "gemini" and endpoint.operation in ("embed", "batch_embed"):
+                    count_later = True
+                else:
+                    return await self._fail(
+                        out,
+                        ctx,
+                        GatewayError(
+                            502,
+                            "upstream_malformed_usage",
+                            f"The upstream provider's usage could not be metered: {exc}",
+                        ),
+                    )
+        record = self._record(ctx, status, usage, error_type, stream=False)
+        headers = _relay_headers(response)
+        headers.append((REQUEST_ID_HEADER, ctx.request_id.encode()))
+        if not count_later:
+            headers.append((COST_HEADER, _format_cost(record.cost_usd).encode()))
+        await out.start(status, headers)
+        await out.send(data)
+        if out.disconnected:
+            record.code = 499
+            record.error_type = record.error_type or "client_disconnected"
+        if count_later:
+            self._spawn(self._count_then_record(ctx, record))
+            return record
+        record.latency_s = time.perf_counter() - ctx.started
+        self._emit(record, ctx)
+        return record
+
+    async def _relay_stream(
+        self, out: Responder, ctx: RequestContext, response: aiohttp.ClientResponse, meter: StreamMeter
+    ) -> UsageRecord:
+        await out.start(response.status, [*_relay_headers(response), (REQUEST_ID_HEADER, ctx.request_id.encode())])
+        error_type: str | None = None
+        error_message = ""
+        content = response.content
+        loop = asyncio.get_running_loop()
+        drain_deadline: float | None = None  # set when the client hangs up before the provider finished
+        try:
+            while True:
+                if drain_deadline is None:
+                    chunk = await content.readany()
+                else:
+                    async with asyncio.timeout_at(drain_deadline):
+                        chunk = await content.readany()
+                if not chunk:
+                    break
+                if ctx.ttft is None:
+                    ctx.ttft = time.perf_counter() - ctx.started
+                relayed = meter.feed(chunk)
+                if drain_deadline is None:
+                    if relayed:
+                        await out.send(relayed, more=True)
+                    if out.disconnected and not meter.finished:
+                        drain_deadline = loop.time() + self.config.server.drain_timeout_s
+        except TimeoutError:
+            if drain_deadline is not None and loop.time() >= drain_deadline:
+                error_type = "drain_timeout"
+                log.warning("request %s: gave up reading the upstream after the client left", ctx.request_id)
+            else:
+                error_type, error_message = "upstream_timeout", "The upstream provider timed out mid-stream."
+        except (aiohttp.ClientError, OSError) as exc:
+            error_type, error_message = "upstream_reset", f"The upstream stream broke: {type(exc).__name__}"
+        tail = meter.flush()
+        metered = True
+        try:
+            usage = meter.usage()
+        except UsageError as exc:
+            usage, metered = Usage(), False
+            if error_type is None:
+                error_type = "upstream_malformed_usage"
+                error_message = f"The upstream provider's usage could not be metered: {exc}"
+            log.warning("request %s: usage not metered: %s", ctx.request_id, exc)
+        code = response.status
+        if error_type is None and meter.upstream_error is not None:
+            error_type = "upstream_stream_error"
+        if drain_deadline is not None:
+            code = 499
+            error_type = error_type or "client_disconnected"
+        else:
+            if error_type == "upstream_timeout":
+                code = 504
+            elif error_type in ("upstream_reset", "upstream_malformed_usage"):
+                code = 502
+            if tail:
+                await out.send(tail, more=True)
+            if error_message:
+                await out.send(stream_error_event(ctx.family, ctx.match.endpoint.operation, error_message), more=True)
+            await out.send(b"")
+        record = self._record(ctx, code, usage, error_type, stream=True)
+        record.metered = metered
+        record.latency_s = time.perf_counter() - ctx.started
+        record.ttft_s = ctx.ttft
+        self._emit(record, ctx)
+        return record
+
+    async def _count_then_record(self, ctx: RequestContext, record: UsageRecord) -> None:
+        """Gemini embeddings report no usage: ask the provider's free countTokens for the same content."""
+        assert ctx.route is not None and ctx.body is not None
+        upstream = ctx.route.upstream
+        body = GeminiApi.token_count_body(ctx.match.endpoint, ctx.body)
+        usage: Usage | None = None
+        if body is not None and isinstance(upstream, GeminiUpstream):
+            version = ctx.match.endpoint.label.split("/")[1]
+            url = upstream.count_tokens_url(ctx.route.upstream_model, version)
+            try:
+                async with self._sessions[upstream.name].post(url, json=body, headers=upstream.auth_headers()) as resp:
+                    if resp.status == 200:
+                        usage = GeminiApi.usage_from_token_count(await resp.json(content_type=None))
+            except (aiohttp.ClientError, OSError, TimeoutError, UsageError, ValueError) as exc:
+                log.warning("request %s: countTokens failed: %s", ctx.request_id, exc)
+        if usage is None:
+            record.metered = False
+            record.error_type = record.error_type or "usage_missing"
+        else:
+            self._price_into(record, ctx, usage)
+        record.latency_s = time.perf_counter() - ctx.started
+        self._emit(record, ctx)
+
+    # --- recording -------------------------------------------------------------------------------------------
+
+    def _record(
+        self, ctx: RequestContext, code: int, usage: Usage, error_type: str | None, stream: bool
+    ) -> UsageRecord:
+        principal = ctx.principal
+        team = self.labels.team(principal.team) if principal else UNAUTHENTICATED
+        app = self.labels.app(principal.app) if principal else UNAUTHENTICATED
+        route = ctx.route
+        record = UsageRecord(
+            request_id=ctx.request_id,
+            started_at=ctx.started_at,
+            team=team,
+            app=app,
+            key_id=principal.key_id if principal else "",
+            provider=ctx.provider_label,
+            model=ctx.model_label,
+            upstream_model=route.upstream_model if route else (ctx.facts.model if ctx.facts else ""),
+            endpoint=ctx.match.endpoint.label,
+            code=code,
+            stream=stream,
+            error_type=error_type,
+        )
+        self._price_into(record, ctx, usage)
+        return record
+
+    def _price_into(self, record: UsageRecord, ctx: RequestContext, usage: Usage) -> None:
+        record.usage = usage
+        route = ctx.route
+        if route is None or usage.is_empty():
+            record.cost_usd = 0.0
+            record.priced = True
+            return
+        upstream = route.upstream
+        cost = self.prices.price(
+            upstream.name,
+            upstream.config.pricing_provider_id,
+            upstream.pricing_model(route.upstream_model),
+            usage,
+            datetime.fromtimestamp(ctx.started_at, UTC),
+        )
+        record.priced = cost is not None
+        record.cost_usd = float(cost) if cost is not None else 0.0
+
+    def _emit(self, record: UsageRecord, ctx: RequestContext) -> None:
+        """Count a finished request everywhere it must be counted, exactly once."""
+        self.meter.record(record)
+        if self.admission is not None and ctx.route is not None:
+            self.admission.settle(ctx.reservation, record)
+        for sink in self.sinks:
+            try:
+                sink(record)
+            except Exception:  # a broken sink must not lose the record for the others
+                log.exception("record sink failed for request %s", record.request_id)
+
+    async def _fail(self, out: Responder, ctx: RequestContext, err: GatewayError) -> UsageRecord:
+        record = self._record(ctx, err.status, Usage(), err.error_type, stream=bool(ctx.facts and ctx.facts.stream))
+        await self._send_error(out, ctx.family, err, ctx.request_id)
+        record.latency_s = time.perf_counter() - ctx.started
+        self._emit(record, ctx)
+        return record
+
+    async def _send_error(self, out: Responder, family: Family, err: GatewayError, request_id: str | None) -> None:
+        headers = [*_JSON, *((k.encode(), v.encode()) for k, v in err.headers.items())]
+        if request_id:
+            headers.append((REQUEST_ID_HEADER, request_id.encode()))
+        await out.start(err.status, headers)
+        await out.send(error_body(family, err))
+
+    async def _list_models(self, out: Responder) -> None:
+        if self._models_body is None:
+            self._models_body = self._build_models_body()
+        await out.start(200, list(_JSON))
+        await out.send(self._models_body)
+
+    def _build_models_body(self) -> bytes:
+        seen: dict[str, str] = {}
+        for route in self.config.routes:
+            if not route.is_glob:
+                seen.setdefault(route.model, route.provider)
+                continue
+            upstream = self.upstreams[route.provider]
+            if upstream.family != "openai":
+                continue
+            for model_id in self.prices.catalogue_models(upstream.config.pricing_provider_id):
+                if route.matches(model_id):
+                    seen.setdefault(model_id, route.provider)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": p} for m, p in seen.items()]
+        return orjson.dumps({"object": "list", "data": data})
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise GatewayError(400, "invalid_json", "The request body is empty; expected a JSON object.")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(400, "invalid_json", f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
+    return parsed
+
+
+def _relay_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    return [
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in response.headers.items()
+        if k.lower() not in _DROP_RESPONSE
+    ]
+
+
+def _upstream_error_type(status: int) -> str:
+    if status == 429:
+        return "upstream_rate_limited"
+    return "upstream_client_error" if status < 500 else "upstream_server_error"
+
+
+def _format_cost(cost: float) -> str:
+    return format(Decimal(repr(cost)), "f")

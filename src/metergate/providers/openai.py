@@ -1,0 +1,243 @@
+"""The OpenAI API: Chat Completions, legacy Completions, Responses and Embeddings.
+
+Usage rules: `prompt_tokens` already includes `prompt_tokens_details.cached_tokens` and `completion_tokens`
+already includes `completion_tokens_details.reasoning_tokens`; the details are subsets, never added on top.
+Chat and legacy completion streams carry usage only when `stream_options.include_usage` is set, in one extra
+chunk with `choices: []` and a non-null `usage` just before `data: [DONE]`. Responses streams carry it in the
+terminal `response.completed` / `response.incomplete` / `response.failed` event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+from metergate.endpoints import Endpoint, EndpointMatch
+from metergate.errors import bad_request
+from metergate.providers.base import (
+    ApiAdapter,
+    RequestFacts,
+    SSEStreamMeter,
+    StreamMeter,
+    Upstream,
+    join_url,
+    require_dict,
+)
+from metergate.sse import SSEEvent
+from metergate.usage import Usage, UsageError, count
+
+_USAGE_KEY = b'"usage"'
+_USAGE_NULL_FORMS = (b',"usage":null', b'"usage":null,')
+_RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_RESPONSES_TERMINAL_BYTES = tuple(f'"{t}"'.encode() for t in _RESPONSES_TERMINAL)
+
+
+def parse_openai_usage(usage: Mapping[str, Any]) -> Usage:
+    """Chat Completions, Completions and Embeddings `usage` objects."""
+    prompt = count(usage.get("prompt_tokens"), "prompt_tokens")
+    completion = count(usage.get("completion_tokens"), "completion_tokens")
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    if not isinstance(prompt_details, Mapping) or not isinstance(completion_details, Mapping):
+        raise UsageError("usage details are not objects")
+    cached = count(prompt_details.get("cached_tokens"), "prompt_tokens_details.cached_tokens")
+    if not cached and "prompt_cache_hit_tokens" in usage:
+        # DeepSeek and some OpenAI-compatible servers report cache hits at the top level, also within prompt_tokens.
+        cached = count(usage.get("prompt_cache_hit_tokens"), "prompt_cache_hit_tokens")
+    reasoning = count(completion_details.get("reasoning_tokens"), "completion_tokens_details.reasoning_tokens")
+    audio_in = count(prompt_details.get("audio_tokens"), "prompt_tokens_details.audio_tokens")
+    audio_out = count(completion_details.get("audio_tokens"), "completion_tokens_details.audio_tokens")
+    if cached > prompt or audio_in > prompt:
+        raise UsageError(f"cached or audio tokens exceed prompt_tokens ({cached}/{audio_in} > {prompt})")
+    if reasoning + audio_out > completion:
+        raise UsageError(f"reasoning/audio tokens exceed completion_tokens ({reasoning}+{audio_out} > {completion})")
+    return Usage(
+        input_tokens=prompt,
+        output_tokens=completion,
+        cache_read_tokens=cached,
+        reasoning_tokens=reasoning,
+        input_audio_tokens=audio_in,
+        output_audio_tokens=audio_out,
+    )
+
+
+def parse_responses_usage(usage: Mapping[str, Any]) -> Usage:
+    """Responses API `usage` objects."""
+    inp = count(usage.get("input_tokens"), "input_tokens")
+    out = count(usage.get("output_tokens"), "output_tokens")
+    in_details = usage.get("input_tokens_details") or {}
+    out_details = usage.get("output_tokens_details") or {}
+    if not isinstance(in_details, Mapping) or not isinstance(out_details, Mapping):
+        raise UsageError("usage details are not objects")
+    cached = count(in_details.get("cached_tokens"), "input_tokens_details.cached_tokens")
+    reasoning = count(out_details.get("reasoning_tokens"), "output_tokens_details.reasoning_tokens")
+    if cached > inp:
+        raise UsageError(f"cached tokens exceed input_tokens ({cached} > {inp})")
+    if reasoning > out:
+        raise UsageError(f"reasoning tokens exceed output_tokens ({reasoning} > {out})")
+    return Usage(input_tokens=inp, output_tokens=out, cache_read_tokens=cached, reasoning_tokens=reasoning)
+
+
+def _usage_object(container: Mapping[str, Any]) -> Mapping[str, Any]:
+    usage = container.get("usage")
+    if not isinstance(usage, Mapping):
+        raise UsageError("the response has no usage object")
+    return usage
+
+
+class ChatStreamMeter(SSEStreamMeter):
+    """Chat Completions and legacy Completions streams.
+
+    When the gateway added `include_usage` on the client's behalf, it hides what the client did not ask for:
+    the usage chunk itself, and the `"usage":null` member OpenAI then adds to every other chunk. A chunk with
+    `choices: []` but no usage (Azure's content-filter chunks) is relayed untouched.
+    """
+
+    def __init__(self, hide_usage: bool) -> None:
+        super().__init__()
+        self._hide = hide_usage
+        self.rewrites = hide_usage
+        self._usage: Usage | None = None
+        self._error: UsageError | None = None
+
+    def observe(self, event: SSEEvent) -> bytes | None:
+        data = event.data
+        if _USAGE_KEY not in data:
+            if data.startswith(b"[DONE]"):
+                self.finished = True
+            elif data.startswith(b'{"error"'):
+                self.upstream_error = "stream_error"
+            return event.raw
+        if self._hide:
+            for form in _USAGE_NULL_FORMS:
+                if form in data:
+                    return event.raw.replace(form, b"", 1)
+        try:
+            chunk = require_dict(orjson.loads(data), "stream chunk")
+        except (orjson.JSONDecodeError, UsageError) as exc:
+            self._error = UsageError(f"malformed usage chunk: {exc}")
+            return event.raw
+        usage = chunk.get("usage")
+        if usage is None:
+            return event.raw
+        try:
+            self._usage = parse_openai_usage(require_dict(usage, "usage"))
+        except UsageError as exc:
+            self._error = exc
+            return event.raw
+        if self._hide and chunk.get("choices") == []:
+            return None
+        return event.raw
+
+    def usage(self) -> Usage:
+        if self._usage is not None:
+            return self._usage
+        raise self._error or UsageError("the stream ended without a usage chunk")
+
+
+class ResponsesStreamMeter(SSEStreamMeter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._usage: Usage | None = None
+        self._error: UsageError | None = None
+
+    def observe(self, event: SSEEvent) -> bytes | None:
+        if event.event == "error":
+            self.upstream_error = "stream_error"
+            return event.raw
+        if event.event is not None and event.event not in _RESPONSES_TERMINAL:
+            return event.raw
+        if event.event is None and not any(t in event.data for t in _RESPONSES_TERMINAL_BYTES):
+            return event.raw
+        try:
+            payload = require_dict(orjson.loads(event.data), "event")
+            if payload.get("type") not in _RESPONSES_TERMINAL:
+                return event.raw
+            self.finished = True
+            if payload["type"] == "response.failed":
+                self.upstream_error = "response_failed"
+            response = require_dict(payload.get("response"), "event response")
+            self._usage = parse_responses_usage(_usage_object(response))
+        except orjson.JSONDecodeError as exc:
+            self._error = UsageError(f"malformed terminal event: {exc}")
+        except UsageError as exc:
+            self._error = exc
+        return event.raw
+
+    def usage(self) -> Usage:
+        if self._usage is not None:
+            return self._usage
+        raise self._error or UsageError("the stream ended without response.completed")
+
+
+class OpenAIApi(ApiAdapter):
+    family = "openai"
+
+    def request_facts(self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None) -> RequestFacts:
+        # Azure deployment paths name the deployment in the path and may leave `model` out of the body.
+        model = path_model if path_model is not None else body.get("model")
+        if not isinstance(model, str) or not model:
+            raise bad_request("you must provide a model parameter", "missing_model")
+        stream = body.get("stream") is True
+        cap = body.get("max_completion_tokens", body.get("max_output_tokens", body.get("max_tokens")))
+        inject = False
+        if stream and endpoint.operation in ("chat", "completions"):
+            options = body.get("stream_options")
+            inject = not (isinstance(options, dict) and options.get("include_usage") is True)
+        return RequestFacts(
+            model=model,
+            stream=stream,
+            max_output_tokens=cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None,
+            inject_stream_usage=inject,
+        )
+
+    def upstream_body(self, body: dict[str, Any], facts: RequestFacts, upstream_model: str | None) -> dict[str, Any]:
+        body = dict(body)
+        if upstream_model is not None and "model" in body:
+            body["model"] = upstream_model
+        if facts.inject_stream_usage:
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return body
+
+    def usage_from_body(self, endpoint: Endpoint, body: Any) -> Usage:
+        obj = require_dict(body, "response")
+        if endpoint.operation == "responses":
+            return parse_responses_usage(_usage_object(obj))
+        return parse_openai_usage(_usage_object(obj))
+
+    def stream_meter(self, endpoint: Endpoint, facts: RequestFacts, sse: bool) -> StreamMeter:
+        if endpoint.operation == "responses":
+            return ResponsesStreamMeter()
+        return ChatStreamMeter(hide_usage=facts.inject_stream_usage)
+
+
+class OpenAIUpstream(Upstream):
+    """`openai` and `openai-compatible` providers: the client's path appended to `base_url`, Bearer auth."""
+
+    family = "openai"
+
+    def url(self, match: EndpointMatch, path: str, query: str, upstream_model: str) -> str:
+        if path.startswith("/openai/v1/"):
+            path = path.removeprefix("/openai")
+        return join_url(self.config.base_url, path, query)
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self._secret}"} if self._secret else {}
+
+
+def parse_chat_stream(events: Iterable[SSEEvent], hide_usage: bool = False) -> Usage:
+    """The usage a whole chat/completions stream reported (for tests and tools; the gateway meters incrementally)."""
+    meter = ChatStreamMeter(hide_usage)
+    for event in events:
+        meter.observe(event)
+    return meter.usage()
+
+
+def parse_responses_stream(events: Iterable[SSEEvent]) -> Usage:
+    meter = ResponsesStreamMeter()
+    for event in events:
+        meter.observe(event)
+    return meter.usage()

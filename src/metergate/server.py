@@ -1,0 +1,150 @@
+"""Running the gateway: build its parts from a config, serve two listeners, shut down without losing counts.
+
+SIGTERM (or SIGINT) stops accepting connections, lets in-flight requests finish for at most
+`server.shutdown_timeout_s`, waits for post-response metering, flushes sinks, and only then closes the metrics
+listener, so a final scrape can still see everything counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from metergate.auth import KeyRing
+from metergate.config import Config, ConfigError, parse_hostport
+from metergate.edge import ApiApp, MetricsApp
+from metergate.gateway import Gateway, RecordSink
+from metergate.labels import LabelPolicy
+from metergate.metrics import Meter
+from metergate.pricing import PriceBook
+from metergate.providers import build_upstream
+
+log = logging.getLogger("metergate")
+
+
+@dataclass
+class Runtime:
+    """Everything a running gateway is made of."""
+
+    config: Config
+    gateway: Gateway
+    meter: Meter
+    # Extra services started before and stopped after the listeners (ledger, budgets).
+    services: list[Service] = field(default_factory=list)
+
+
+class Service:
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+def build_runtime(config: Config, sinks: list[RecordSink] | None = None) -> Runtime:
+    missing = config.missing_secrets()
+    if missing:
+        raise ConfigError("\n".join(missing))
+    prices = PriceBook(config.prices)
+    labels = LabelPolicy(config, prices)
+    meter = Meter()
+    upstreams = {name: build_upstream(name, p) for name, p in config.providers.items()}
+    gateway = Gateway(config, KeyRing(config), prices, labels, upstreams, meter, sinks=sinks)
+    return Runtime(config, gateway, meter)
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server whose signals are handled by `serve`, which owns both listeners."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn_config(app: object, listen: str, graceful_s: float) -> uvicorn.Config:
+    host, port = parse_hostport(listen)
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        loop="none",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=graceful_s,
+        timeout_keep_alive=75,
+        backlog=4096,
+    )
+
+
+async def serve(
+    runtime: Runtime,
+    *,
+    on_ready: Callable[[], Awaitable[None] | None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    config = runtime.config
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    draining = False
+    api = _Server(
+        _uvicorn_config(ApiApp(runtime.gateway, config.server.max_body_bytes), config.server.listen, config.server.shutdown_timeout_s)
+    )
+    metrics = _Server(_uvicorn_config(MetricsApp(runtime.meter, lambda: not draining), config.server.metrics_listen, 5))
+    for service in runtime.services:
+        await service.start()
+    await runtime.gateway.start()
+    metrics_task = asyncio.create_task(metrics.serve())
+    api_task = asyncio.create_task(api.serve())
+    while not (api.started and metrics.started):
+        if api_task.done() or metrics_task.done():
+            await _stop_both(api, metrics, api_task, metrics_task)
+            raise SystemExit(f"metergate: cannot listen on {config.server.listen} or {config.server.metrics_listen}")
+        await asyncio.sleep(0.01)
+    log.info("metergate serving the LLM API on %s and /metrics on %s", config.server.listen, config.server.metrics_listen)
+    if on_ready is not None:
+        result = on_ready()
+        if result is not None:
+            await result
+    stop_wait = asyncio.create_task(stop.wait())
+    await asyncio.wait({stop_wait, api_task}, return_when=asyncio.FIRST_COMPLETED)
+    draining = True
+    log.info("metergate shutting down: draining %d in-flight requests", runtime.gateway.in_flight)
+    api.should_exit = True
+    await api_task
+    await runtime.gateway.close()
+    for service in reversed(runtime.services):
+        await service.stop()
+    metrics.should_exit = True
+    await metrics_task
+    stop_wait.cancel()
+
+
+async def _stop_both(api: _Server, metrics: _Server, *tasks: asyncio.Task[None]) -> None:
+    api.should_exit = metrics.should_exit = True
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task
+
+
+def run(coro: Awaitable[None]) -> None:
+    """Run the gateway's event loop, on uvloop where available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform metergate supports
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]

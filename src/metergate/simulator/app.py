@@ -1,0 +1,178 @@
+"""The simulated provider as one ASGI app serving OpenAI, Azure OpenAI, Anthropic and Gemini routes.
+
+It checks the provider credential like the real APIs do (so tests prove the gateway swaps keys), answers in each
+API's wire format, and keeps a `Bill` per request: the ground truth metering is checked against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from metergate.simulator import anthropic, gemini, openai
+from metergate.simulator.plan import Bill, Billed, make_plan
+from metergate.simulator.wire import Wire
+
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_GEMINI = re.compile(r"^/(v1beta|v1)/models/([^/:]+):(\w+)$")
+_AZURE = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|completions|embeddings)$")
+
+# What each API can express: fields a provider never reports are zero in its bills.
+_REPORTABLE = {
+    "openai": lambda b: Billed(b.input, b.output, b.cached, 0, 0, b.reasoning),
+    "anthropic": lambda b: Billed(b.input, b.output, b.cached, b.cache_write, b.cache_write_1h, 0),
+    "gemini": lambda b: Billed(b.input, b.output, b.cached, 0, 0, b.reasoning),
+}
+
+
+class SimulatedProvider:
+    """An ASGI app; `bills` lists what it billed, newest last."""
+
+    def __init__(self, keys: dict[str, str] | None = None, *, max_bills: int | None = None) -> None:
+        # family -> the credential it accepts ("openai", "azure", "anthropic", "gemini"); None accepts any.
+        self.keys = keys
+        self.bills: deque[Bill] = deque(maxlen=max_bills)
+        self.deployments: dict[str, str] = {}  # Azure deployment -> model
+        self.models = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
+
+    def billed(self, tag: str | None = None) -> list[Bill]:
+        return [b for b in list(self.bills) if tag is None or b.tag == tag]
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        await self._dispatch(scope["method"], scope["path"], scope["query_string"].decode(), headers, raw, send)
+
+    async def _dispatch(
+        self, method: str, path: str, query: str, headers: dict[str, str], raw: bytes, send: Send
+    ) -> None:
+        wire = Wire(send)
+        gm = _GEMINI.match(path)
+        am = _AZURE.match(path)
+        if gm:
+            family, api, model = "gemini", f"gemini.{gm.group(3)}", gm.group(2)
+        elif am:
+            family, api, model = "azure", f"azure.{am.group(2)}", self.deployments.get(am.group(1), am.group(1))
+        elif path.startswith("/openai/"):
+            family, api, model = "azure", "azure." + path.removeprefix("/openai/").removeprefix("v1/"), ""
+        elif path.startswith("/v1/messages"):
+            family, api, model = "anthropic", "anthropic." + ("count_tokens" if path.endswith("count_tokens") else "messages"), ""
+        elif path.startswith("/v1/"):
+            family, api, model = "openai", "openai." + path[4:].replace("/", "."), ""
+        else:
+            await wire.json(404, openai.error(404, f"Unknown path {path}"))
+            return
+        if not self._authorized(family, headers, query):
+            await self._error(wire, family, 401, "Invalid API key.")
+            return
+        if method == "GET" and path == "/v1/models":
+            await wire.json(200, openai.models_list(self.models))
+            return
+        try:
+            body = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            await self._error(wire, family, 400, "Request body is not valid JSON.")
+            return
+        if not isinstance(body, dict):
+            await self._error(wire, family, 400, "Request body must be a JSON object.")
+            return
+        model = model or str(body.get("model", ""))
+        stream = body.get("stream") is True or api == "gemini.streamGenerateContent"
+        cap = body.get("max_completion_tokens", body.get("max_output_tokens", body.get("max_tokens")))
+        config = body.get("generationConfig")
+        if isinstance(config, dict):
+            cap = config.get("maxOutputTokens", cap)
+        embedding = api.endswith(("embeddings", "embedContent", "batchEmbedContents"))
+        plan = make_plan(headers, raw, cap if isinstance(cap, int) else None, embedding=embedding)
+        plan.billed = _REPORTABLE["openai" if family == "azure" else family](plan.billed)
+        bill = Bill(api=api, model=model, tag=plan.tag, stream=stream, planned=plan.billed.copy(), headers=headers)
+        self.bills.append(bill)
+        if plan.delay_s:
+            await asyncio.sleep(plan.delay_s)
+        if plan.fail == "hang":
+            await asyncio.sleep(3600)
+            return
+        status = plan.fail_status
+        if status is not None:
+            bill.status = status
+            bill.planned = Billed()
+            await self._error(wire, family, status, f"Simulated failure {status}.")
+            return
+        wire = Wire(send, plan.chunk_delay_s)
+        await self._answer(family, api, model, query, body, plan, bill, wire)
+
+    async def _answer(
+        self, family: str, api: str, model: str, query: str, body: dict[str, Any], plan: Any, bill: Bill, wire: Wire
+    ) -> None:
+        azure = family == "azure"
+        if api in ("openai.chat.completions", "azure.chat/completions"):
+            await openai.chat(body, plan, bill, wire, azure=azure)
+        elif api in ("openai.completions", "azure.completions"):
+            await openai.chat(body, plan, bill, wire, azure=azure, legacy=True)
+        elif api in ("openai.responses", "azure.responses"):
+            await openai.responses(body, plan, bill, wire)
+        elif api in ("openai.embeddings", "azure.embeddings"):
+            await openai.embeddings(body, plan, bill, wire)
+        elif api == "anthropic.messages":
+            await anthropic.messages(body, plan, bill, wire, legacy_delta=bool(body.get("metadata", {}).get("legacy_delta")))
+        elif api == "anthropic.count_tokens":
+            await anthropic.count_tokens(body, plan, bill, wire)
+        elif api == "gemini.generateContent":
+            await gemini.generate(body, model, plan, bill, wire, sse=False)
+        elif api == "gemini.streamGenerateContent":
+            await gemini.generate(body, model, plan, bill, wire, sse="alt=sse" in query)
+        elif api in ("gemini.embedContent", "gemini.batchEmbedContents"):
+            await gemini.embed(body, plan, bill, wire, batch=api == "gemini.batchEmbedContents")
+        elif api == "gemini.countTokens":
+            await gemini.count_tokens(body, plan, bill, wire)
+        else:
+            bill.status = 404
+            bill.planned = Billed()
+            await self._error(wire, "openai" if family == "azure" else family, 404, f"Unknown API {api}")
+
+    def _authorized(self, family: str, headers: dict[str, str], query: str) -> bool:
+        if self.keys is None:
+            return True
+        expected = self.keys.get(family)
+        if expected is None:
+            return True
+        presented = {
+            "openai": headers.get("authorization", "").removeprefix("Bearer "),
+            "azure": headers.get("api-key", ""),
+            "anthropic": headers.get("x-api-key", ""),
+            "gemini": headers.get("x-goog-api-key", ""),
+        }[family]
+        return presented == expected
+
+    async def _error(self, wire: Wire, family: str, status: int, message: str) -> None:
+        if family == "anthropic":
+            await wire.json(status, anthropic.error(status, message))
+        elif family == "gemini":
+            # Gemini answers a bad key with 400 INVALID_ARGUMENT rather than 401.
+            code = 400 if status == 401 else status
+            await wire.json(code, gemini.error(code, message), indent=True)
+        else:
+            await wire.json(status, openai.ERRORS.get(status, openai.error(status, message)))

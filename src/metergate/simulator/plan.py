@@ -1,0 +1,139 @@
+"""What a simulated provider will bill for a request, decided before it answers.
+
+The simulator is the ground truth the gateway is tested against, so it shares no code with the gateway's usage
+parsers: it decides token counts in plain terms (`Billed`), then writes them in each API's own usage fields.
+Callers steer it with `x-sim-*` request headers, which the gateway forwards like any other header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+# Request headers that steer the simulator.
+TAG = "x-sim-tag"  # groups requests in the bill log, e.g. "team-a/app-1"
+INPUT = "x-sim-input-tokens"
+OUTPUT = "x-sim-output-tokens"
+CACHED = "x-sim-cached-tokens"  # prompt-cache reads (within input)
+CACHE_WRITE = "x-sim-cache-write-tokens"  # Anthropic cache writes (within input)
+CACHE_WRITE_1H = "x-sim-cache-write-1h-tokens"  # the part of the writes with a 1-hour TTL
+REASONING = "x-sim-reasoning-tokens"  # within output
+CHUNKS = "x-sim-chunks"  # content events in a stream
+DELAY_MS = "x-sim-delay-ms"  # before the response starts
+CHUNK_DELAY_MS = "x-sim-chunk-delay-ms"  # between stream events
+FAIL = "x-sim-fail"  # see Plan.fail
+
+
+@dataclass(slots=True)
+class Billed:
+    """Tokens in provider-neutral terms: input includes cache reads and writes, output includes reasoning."""
+
+    input: int = 0
+    output: int = 0
+    cached: int = 0
+    cache_write: int = 0
+    cache_write_1h: int = 0
+    reasoning: int = 0
+
+    def copy(self) -> Billed:
+        return Billed(self.input, self.output, self.cached, self.cache_write, self.cache_write_1h, self.reasoning)
+
+
+@dataclass(slots=True)
+class Bill:
+    """One request as the simulated provider saw and billed it."""
+
+    api: str  # e.g. "openai.chat", "anthropic.messages", "gemini.stream_generate"
+    model: str
+    tag: str | None
+    stream: bool
+    status: int = 200
+    planned: Billed = field(default_factory=Billed)
+    # What the provider reported on the wire; less than planned only when the stream was cut or usage garbled.
+    reported: Billed = field(default_factory=Billed)
+    usage_readable: bool = True  # False when the provider sent garbled usage on purpose
+    completed: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Plan:
+    billed: Billed
+    chunks: int
+    delay_s: float
+    chunk_delay_s: float
+    # None, "status:<code>", "reset-after:<events>", "malformed-json", "bad-usage", "no-usage", "stream-error",
+    # "hang"
+    fail: str | None
+    tag: str | None
+
+    @property
+    def fail_status(self) -> int | None:
+        if self.fail and self.fail.startswith("status:"):
+            return int(self.fail.split(":", 1)[1])
+        return None
+
+    @property
+    def reset_after(self) -> int | None:
+        if self.fail and self.fail.startswith("reset-after:"):
+            return int(self.fail.split(":", 1)[1])
+        return None
+
+
+def _int(headers: dict[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+def _seeded(body: bytes, salt: str, low: int, high: int) -> int:
+    digest = hashlib.blake2b(body + salt.encode(), digest_size=4).digest()
+    return low + int.from_bytes(digest, "big") % (high - low + 1)
+
+
+def make_plan(headers: dict[str, str], body: bytes, max_output: int | None, *, embedding: bool = False) -> Plan:
+    """Token counts come from the headers when given, else from the body deterministically."""
+    inp = _int(headers, INPUT)
+    if inp is None:
+        inp = 8 + len(body) // 4
+    out = _int(headers, OUTPUT)
+    if embedding:
+        out = 0
+    elif out is None:
+        out = _seeded(body, "out", 12, 400)
+        if max_output:
+            out = min(out, max_output)
+    cached = min(_int(headers, CACHED) or 0, inp)
+    cache_write = min(_int(headers, CACHE_WRITE) or 0, inp - cached)
+    cache_write_1h = min(_int(headers, CACHE_WRITE_1H) or 0, cache_write)
+    reasoning = min(_int(headers, REASONING) or 0, out)
+    chunks = _int(headers, CHUNKS) or max(1, min(out, 16))
+    return Plan(
+        billed=Billed(inp, out, cached, cache_write, cache_write_1h, reasoning),
+        chunks=max(1, chunks),
+        delay_s=(_int(headers, DELAY_MS) or 0) / 1000,
+        chunk_delay_s=(_int(headers, CHUNK_DELAY_MS) or 0) / 1000,
+        fail=headers.get(FAIL),
+        tag=headers.get(TAG),
+    )
+
+
+def split_text(tokens: int, pieces: int) -> list[tuple[str, int]]:
+    """`tokens` words of filler text in `pieces` roughly equal deltas, with each delta's token count."""
+    pieces = max(1, min(pieces, max(tokens, 1)))
+    base, extra = divmod(tokens, pieces)
+    out = []
+    for i in range(pieces):
+        n = base + (1 if i < extra else 0)
+        out.append((" ".join(_WORDS[(i + j) % len(_WORDS)] for j in range(n)) + (" " if n else ""), n))
+    return out
+
+
+_WORDS = (
+    "metered tokens flow through the gateway while every team sees what it spends and why the bill grew "
+    "so budgets hold and forecasts stay honest"
+).split()
+
+
+def json_number_or_text(value: int, garble: bool) -> Any:
+    return str(value) + "tok" if garble else value

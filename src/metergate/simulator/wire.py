@@ -1,0 +1,74 @@
+"""Writing responses the way providers do: JSON bodies, SSE events, and connections cut mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import string
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+_ALNUM = string.ascii_letters + string.digits
+
+
+class SimulatedReset(Exception):
+    """Raised mid-response so the server drops the connection, as a crashing upstream would."""
+
+
+def rand_id(n: int) -> str:
+    return "".join(secrets.choice(_ALNUM) for _ in range(n))
+
+
+def pretty(obj: Any) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2)
+
+
+class Wire:
+    def __init__(self, send: Send, chunk_delay_s: float = 0.0) -> None:
+        self._send = send
+        self._chunk_delay_s = chunk_delay_s
+        self.events_sent = 0
+
+    async def json(
+        self, status: int, obj: Any, headers: dict[str, str] | None = None, *, raw: bytes | None = None, indent: bool = False
+    ) -> None:
+        body = raw if raw is not None else (pretty(obj) + b"\n" if indent else orjson.dumps(obj))
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), *_encode(headers)],
+            }
+        )
+        await self._send({"type": "http.response.body", "body": body})
+
+    async def start(self, content_type: str, headers: dict[str, str] | None = None) -> None:
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", content_type.encode()), *_encode(headers)],
+            }
+        )
+
+    async def write(self, data: bytes) -> None:
+        if self.events_sent and self._chunk_delay_s:
+            await asyncio.sleep(self._chunk_delay_s)
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        self.events_sent += 1
+
+    async def end(self) -> None:
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _encode(headers: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+
+
+def sse(data: Any, event: str | None = None, sep: bytes = b"\n\n") -> bytes:
+    payload = data if isinstance(data, bytes) else orjson.dumps(data)
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + payload + sep

@@ -1,0 +1,92 @@
+"""Token usage in one provider-neutral shape, and the record of one metered request.
+
+Every adapter normalises its provider's usage fields into `Usage` so that pricing, metrics and the ledger never
+need to know which API a request used. The normalisation rules (PRODUCT.md, "Metrics contract"):
+
+- `input_tokens` is every input token billed, cached reads and cache writes included;
+- `output_tokens` is every output token billed, reasoning/thinking included;
+- the other fields are subsets of those two, kept for pricing and sub-counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class UsageError(ValueError):
+    """The provider's usage figures are missing or not numbers; the request cannot be priced from them."""
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    # Subset of cache_write_tokens written with Anthropic's 1-hour TTL, priced higher than the 5-minute default.
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
+    web_searches: int = 0
+
+    def is_empty(self) -> bool:
+        return self.input_tokens == 0 and self.output_tokens == 0 and self.web_searches == 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple(), strict=True)))
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return (
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_read_tokens,
+            self.cache_write_tokens,
+            self.cache_write_1h_tokens,
+            self.reasoning_tokens,
+            self.input_audio_tokens,
+            self.output_audio_tokens,
+            self.web_searches,
+        )
+
+
+def count(value: object, name: str) -> int:
+    """A token count from a provider payload: absent means 0, anything but a non-negative integer is an error.
+
+    Floats with an integral value are accepted because some OpenAI-compatible servers serialise counts that way.
+    """
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise UsageError(f"usage field {name} is a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise UsageError(f"usage field {name} is negative: {value}")
+        return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    raise UsageError(f"usage field {name} is not a token count: {value!r}")
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """One request as metergate saw it: who sent it, where it went, what the provider billed, what it cost."""
+
+    request_id: str
+    started_at: float  # unix seconds
+    team: str
+    app: str
+    key_id: str
+    provider: str
+    model: str  # bounded label value (see labels.py)
+    upstream_model: str  # the model name actually sent upstream, for the ledger
+    endpoint: str
+    code: int
+    stream: bool
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    priced: bool = True
+    metered: bool = True  # False when the request reached a provider but its usage could not be read
+    error_type: str | None = None
+    latency_s: float = 0.0
+    ttft_s: float | None = None

@@ -1,0 +1,240 @@
+"""Shared fixtures: a simulated provider, real gateway processes in front of it, and metric snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from metergate.simulator import DEFAULT_KEYS, Bill, Billed, SimulatorThread, free_port
+from tests.pricesheet import cost
+
+# The SDKs read these from the environment; a developer's own settings must not leak into the tests.
+for _var in (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "OPENAI_CUSTOM_HEADERS",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_CUSTOM_HEADERS",
+):
+    os.environ.pop(_var, None)
+
+# Gateway keys by "team/app".
+KEYS = {
+    "search/ranker": "mg-key-search-ranker",
+    "search/indexer": "mg-key-search-indexer",
+    "ads/bidder": "mg-key-ads-bidder",
+    "support/assistant": "mg-key-support-assistant",
+}
+PROVIDER_ENV = {
+    "SIM_OPENAI_KEY": DEFAULT_KEYS["openai"],
+    "SIM_AZURE_KEY": DEFAULT_KEYS["azure"],
+    "SIM_ANTHROPIC_KEY": DEFAULT_KEYS["anthropic"],
+    "SIM_GEMINI_KEY": DEFAULT_KEYS["gemini"],
+}
+
+
+def keys_yaml() -> str:
+    lines = []
+    for scope, key in KEYS.items():
+        team, app = scope.split("/")
+        lines.append(f'  - {{sha256: "{hashlib.sha256(key.encode()).hexdigest()}", team: {team}, app: {app}}}')
+    return "keys:\n" + "\n".join(lines) + "\n"
+
+
+def standard_config(sim_url: str, listen: str, metrics: str, extra: str = "", server_extra: str = "") -> str:
+    return (
+        textwrap.dedent(
+            f"""\
+            server: {{listen: "{listen}", metrics_listen: "{metrics}"{server_extra}}}
+            providers:
+              openai: {{type: openai, base_url: "{sim_url}", api_key_env: SIM_OPENAI_KEY}}
+              azure: {{type: azure-openai, base_url: "{sim_url}", api_key_env: SIM_AZURE_KEY, api_version: "2024-10-21", deployments: {{prod-4o-mini: gpt-4o-mini}}}}
+              anthropic: {{type: anthropic, base_url: "{sim_url}", api_key_env: SIM_ANTHROPIC_KEY}}
+              gemini: {{type: gemini, base_url: "{sim_url}", api_key_env: SIM_GEMINI_KEY}}
+            routes:
+              - {{model: "prod-*", provider: azure}}
+              - {{model: "fast", provider: openai, upstream_model: gpt-4o-mini}}
+              - {{model: "gpt-*", provider: openai}}
+              - {{model: "o4-*", provider: openai}}
+              - {{model: "text-embedding-*", provider: openai}}
+              - {{model: "claude-*", provider: anthropic}}
+              - {{model: "gemini-*", provider: gemini}}
+              - {{model: "self-hosted-*", provider: openai}}
+            """
+        )
+        + keys_yaml()
+        + extra
+    )
+
+
+@dataclass
+class Gateway:
+    """A `metergate serve` process."""
+
+    config_path: Path
+    env: dict[str, str]
+    listen: str
+    metrics_listen: str
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.listen}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_listen}/metrics"
+
+    def start(self) -> Gateway:
+        assert self.log_path is not None
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "metergate", "serve", "--config", str(self.config_path), *self.extra_args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"http://{self.metrics_listen}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"gateway did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def metrics(self) -> Metrics:
+        return Metrics.parse(httpx.get(self.metrics_url, timeout=5).text)
+
+    def headers(self, scope: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {KEYS[scope]}"}
+
+
+@dataclass
+class Metrics:
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+    @classmethod
+    def parse(cls, text: str) -> Metrics:
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples[(s.name, frozenset(s.labels.items()))] = s.value
+        return cls(samples)
+
+    def sum(self, name: str, **labels: str) -> float:
+        want = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == name and want <= ls)
+
+    def delta(self, before: Metrics, name: str, **labels: str) -> float:
+        return self.sum(name, **labels) - before.sum(name, **labels)
+
+
+def make_gateway(tmp: Path, sim_url: str, extra: str = "", server_extra: str = "", env: dict[str, str] | None = None) -> Gateway:
+    listen, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = tmp / f"gateway-{uuid.uuid4().hex[:6]}.yaml"
+    config.write_text(standard_config(sim_url, listen, metrics, extra, server_extra))
+    full_env = {**os.environ, **PROVIDER_ENV, **(env or {})}
+    return Gateway(config, full_env, listen, metrics, log_path=config.with_suffix(".log"))
+
+
+@pytest.fixture(scope="session")
+def simulator() -> Iterator[SimulatorThread]:
+    sim = SimulatorThread().start()
+    sim.app.deployments["prod-4o-mini"] = "gpt-4o-mini"
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = make_gateway(tmp_path_factory.mktemp("gw"), simulator.url).start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def tag() -> str:
+    """A fresh tag: the simulator files this test's requests under it."""
+    return uuid.uuid4().hex
+
+
+def expected(bills: list[Bill], model: str) -> tuple[Billed, Decimal]:
+    """Total reported tokens and their cost, from the simulator's bills."""
+    total = Billed()
+    money = Decimal(0)
+    for b in bills:
+        if not b.usage_readable:
+            continue
+        r = b.reported
+        total = Billed(
+            total.input + r.input,
+            total.output + r.output,
+            total.cached + r.cached,
+            total.cache_write + r.cache_write,
+            total.cache_write_1h + r.cache_write_1h,
+            total.reasoning + r.reasoning,
+        )
+        money += cost(model, r)
+    return total, money
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value or time.time() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def assert_metered(gw: Gateway, before: Metrics, bills: list[Bill], model: str, **labels: str) -> None:
+    """The gateway's counters moved by exactly what the simulated provider reported, tokens and dollars."""
+    want, money = expected(bills, model)
+    after = gw.metrics()
+    got = {
+        "in": after.delta(before, "llm_tokens_in", model=model, **labels),
+        "out": after.delta(before, "llm_tokens_out", model=model, **labels),
+        "cached": after.delta(before, "llm_tokens_in_cached", model=model, **labels),
+        "cache_write": after.delta(before, "llm_tokens_in_cache_write", model=model, **labels),
+        "reasoning": after.delta(before, "llm_tokens_out_reasoning", model=model, **labels),
+    }
+    assert got == {
+        "in": want.input,
+        "out": want.output,
+        "cached": want.cached,
+        "cache_write": want.cache_write,
+        "reasoning": want.reasoning,
+    }
+    got_cost = after.delta(before, "llm_total_cost_usd", model=model, **labels)
+    assert abs(Decimal(repr(got_cost)) - money) <= Decimal("1e-9"), (got_cost, money)
