@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GATEWAY_KEY = "mg-bench-key"
-CHAT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Summarise the quarterly report in three bullet points for the finance team."}],"max_tokens":200}'
+CHAT_BODY = (
+    '{"model":"gpt-4o-mini","messages":[{"role":"user","content":'
+    '"Summarise the quarterly report in three bullet points for the finance team."}],"max_tokens":200}'
+)
 STREAM_BODY = CHAT_BODY[:-1] + ',"stream":true}'
 LUA = """
 wrk.method = "POST"
@@ -74,7 +77,16 @@ def _ms(value: str) -> float:
 def wrk(url: str, body: str, key: str, connections: int, duration: float, script: Path) -> Result:
     env = dict(os.environ, BENCH_BODY=body, BENCH_KEY=key)
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(script), url],
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -102,8 +114,9 @@ def gateway_config(sim_url: str, listen: str, metrics: str, workdir: Path, budge
               - {{team: bench, app: wrk, period: month, limit_usd: 1000000, action: alert}}
             """
         )
-    return textwrap.dedent(
-        f"""
+    return (
+        textwrap.dedent(
+            f"""
         server: {{listen: "{listen}", metrics_listen: "{metrics}"}}
         providers:
           openai: {{type: openai, base_url: "{sim_url}", api_key_env: BENCH_OPENAI_KEY}}
@@ -112,7 +125,9 @@ def gateway_config(sim_url: str, listen: str, metrics: str, workdir: Path, budge
         keys:
           - {{sha256: "{digest}", team: bench, app: wrk}}
         """
-    ) + extra
+        )
+        + extra
+    )
 
 
 def main() -> None:
@@ -140,7 +155,16 @@ def main() -> None:
             )
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "metergate", "serve", "--config", str(config), "--log-level", "warning"],
+                    [
+                        sys.executable,
+                        "-m",
+                        "metergate",
+                        "serve",
+                        "--config",
+                        str(config),
+                        "--log-level",
+                        "warning",
+                    ],
                     env=env,
                 )
             )
@@ -164,7 +188,10 @@ def main() -> None:
                 p.wait(timeout=30)
     mode = "budgets + SQLite ledger on" if args.budgets else "no budgets, no ledger"
     print(f"\nmetergate gateway benchmark ({mode}; wrk, 1 thread; {args.duration:.0f}s per run)\n")
-    header = f"{'call':<15}{'direct p50':>11}{'gw p50':>9}{'added p50':>11}{'added p99':>11}{'direct rps':>12}{'gw rps':>9}{'kept':>7}"
+    header = (
+        f"{'call':<15}{'direct p50':>11}{'gw p50':>9}{'added p50':>11}{'added p99':>11}"
+        f"{'direct rps':>12}{'gw rps':>9}{'kept':>7}"
+    )
     print(header)
     print("-" * len(header))
     for label, d1, g1, d32, g32 in rows:

@@ -57,26 +57,43 @@ def keys_yaml() -> str:
     return "keys:\n" + "\n".join(lines) + "\n"
 
 
-def standard_config(sim_url: str, listen: str, metrics: str, extra: str = "", server_extra: str = "") -> str:
+def standard_config(
+    sim_url: str,
+    listen: str,
+    metrics: str,
+    extra: str = "",
+    server_extra: str = "",
+    providers_extra: str = "",
+    routes_first: str = "",
+) -> str:
+    """The test gateway's config; `*_extra` add YAML lines inside a section (indented like its entries)."""
     return (
         textwrap.dedent(
             f"""\
             server: {{listen: "{listen}", metrics_listen: "{metrics}"{server_extra}}}
             providers:
               openai: {{type: openai, base_url: "{sim_url}", api_key_env: SIM_OPENAI_KEY}}
-              azure: {{type: azure-openai, base_url: "{sim_url}", api_key_env: SIM_AZURE_KEY, api_version: "2024-10-21", deployments: {{prod-4o-mini: gpt-4o-mini}}}}
+              azure: {{type: azure-openai, base_url: "{sim_url}", api_key_env: SIM_AZURE_KEY,
+                      api_version: "2024-10-21", deployments: {{prod-4o-mini: gpt-4o-mini}}}}
               anthropic: {{type: anthropic, base_url: "{sim_url}", api_key_env: SIM_ANTHROPIC_KEY}}
               gemini: {{type: gemini, base_url: "{sim_url}", api_key_env: SIM_GEMINI_KEY}}
-            routes:
-              - {{model: "prod-*", provider: azure}}
-              - {{model: "fast", provider: openai, upstream_model: gpt-4o-mini}}
-              - {{model: "gpt-*", provider: openai}}
-              - {{model: "o4-*", provider: openai}}
-              - {{model: "text-embedding-*", provider: openai}}
-              - {{model: "claude-*", provider: anthropic}}
-              - {{model: "gemini-*", provider: gemini}}
-              - {{model: "self-hosted-*", provider: openai}}
             """
+        )
+        + providers_extra
+        + "routes:\n"
+        + routes_first
+        + "".join(
+            f"  - {route}\n"
+            for route in (
+                '{model: "prod-*", provider: azure}',
+                '{model: "fast", provider: openai, upstream_model: gpt-4o-mini}',
+                '{model: "gpt-*", provider: openai}',
+                '{model: "o4-*", provider: openai}',
+                '{model: "text-embedding-*", provider: openai}',
+                '{model: "claude-*", provider: anthropic}',
+                '{model: "gemini-*", provider: gemini}',
+                '{model: "self-hosted-*", provider: openai}',
+            )
         )
         + keys_yaml()
         + extra
@@ -160,10 +177,10 @@ class Metrics:
         return self.sum(name, **labels) - before.sum(name, **labels)
 
 
-def make_gateway(tmp: Path, sim_url: str, extra: str = "", server_extra: str = "", env: dict[str, str] | None = None) -> Gateway:
+def make_gateway(tmp: Path, sim_url: str, env: dict[str, str] | None = None, **sections: str) -> Gateway:
     listen, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     config = tmp / f"gateway-{uuid.uuid4().hex[:6]}.yaml"
-    config.write_text(standard_config(sim_url, listen, metrics, extra, server_extra))
+    config.write_text(standard_config(sim_url, listen, metrics, **sections))
     full_env = {**os.environ, **PROVIDER_ENV, **(env or {})}
     return Gateway(config, full_env, listen, metrics, log_path=config.with_suffix(".log"))
 
@@ -218,9 +235,11 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  # type:
         time.sleep(interval)
 
 
-def assert_metered(gw: Gateway, before: Metrics, bills: list[Bill], model: str, **labels: str) -> None:
+def assert_metered(
+    gw: Gateway, before: Metrics, bills: list[Bill], model: str, price_as: str | None = None, **labels: str
+) -> None:
     """The gateway's counters moved by exactly what the simulated provider reported, tokens and dollars."""
-    want, money = expected(bills, model)
+    want, money = expected(bills, price_as or model)
     after = gw.metrics()
     got = {
         "in": after.delta(before, "llm_tokens_in", model=model, **labels),

@@ -28,7 +28,9 @@ def test_chat_non_streaming_tokens_cached_reasoning_and_cost(gateway: Gateway, s
     before = gateway.metrics()
     c = client(gateway, "search/ranker", tag, **{"x-sim-cached-tokens": "1024", "x-sim-input-tokens": "3000"})
     raw = c.chat.completions.with_raw_response.create(
-        model="o4-mini", messages=MESSAGES, extra_headers={"x-sim-reasoning-tokens": "200", "x-sim-output-tokens": "400"}
+        model="o4-mini",
+        messages=MESSAGES,
+        extra_headers={"x-sim-reasoning-tokens": "200", "x-sim-output-tokens": "400"},
     )
     completion = raw.parse()
     assert completion.usage.prompt_tokens == 3000
@@ -115,14 +117,26 @@ def test_embeddings_base64_default(gateway: Gateway, simulator, tag: str) -> Non
     assert_metered(gateway, before, simulator.app.billed(tag), "text-embedding-3-small", team="search")
     after = gateway.metrics()
     # Embeddings have no output, but the output series exists so `llm_tokens_in + llm_tokens_out` matches.
-    assert ("llm_tokens_out", frozenset(
-        {("team", "search"), ("app", "indexer"), ("endpoint", "/v1/embeddings"), ("model", "text-embedding-3-small"),
-         ("provider", "openai"), ("code", "200")})) in after.samples
+    assert (
+        "llm_tokens_out",
+        frozenset(
+            {
+                ("team", "search"),
+                ("app", "indexer"),
+                ("endpoint", "/v1/embeddings"),
+                ("model", "text-embedding-3-small"),
+                ("provider", "openai"),
+                ("code", "200"),
+            }
+        ),
+    ) in after.samples
 
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("status", [429, 500, 400])
-def test_upstream_error_passed_through_and_counted(gateway: Gateway, simulator, tag: str, stream: bool, status: int) -> None:
+def test_upstream_error_passed_through_and_counted(
+    gateway: Gateway, simulator, tag: str, stream: bool, status: int
+) -> None:
     before = gateway.metrics()
     c = client(gateway, "search/ranker", tag, **{"x-sim-fail": f"status:{status}"})
     with pytest.raises(openai.APIStatusError) as info:
@@ -140,7 +154,12 @@ def test_upstream_error_passed_through_and_counted(gateway: Gateway, simulator, 
 @pytest.mark.parametrize("api", ["chat", "responses"])
 def test_client_disconnect_mid_stream_still_bills_everything(gateway: Gateway, simulator, tag: str, api: str) -> None:
     before = gateway.metrics()
-    c = client(gateway, "search/ranker", tag, **{"x-sim-chunks": "30", "x-sim-chunk-delay-ms": "20", "x-sim-output-tokens": "300"})
+    c = client(
+        gateway,
+        "search/ranker",
+        tag,
+        **{"x-sim-chunks": "30", "x-sim-chunk-delay-ms": "20", "x-sim-output-tokens": "300"},
+    )
     if api == "chat":
         stream = c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
     else:

@@ -49,9 +49,7 @@ class KeyRing:
 
     def __init__(self, config: Config) -> None:
         self._trusted_headers = config.server.trusted_headers
-        self._by_hash: dict[str, Principal] = {
-            k.sha256: Principal(k.team, k.app, k.key_id) for k in config.keys
-        }
+        self._by_hash: dict[str, Principal] = {k.sha256: Principal(k.team, k.app, k.key_id) for k in config.keys}
         self._static = frozenset(self._by_hash)
 
     def add(self, sha256: str, principal: Principal) -> None:

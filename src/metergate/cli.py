@@ -48,17 +48,17 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the gateway: the LLM API on server.listen and /metrics on server.metrics_listen."""
-    from metergate.server import build_runtime, run
+    from metergate.server import ListenError, build_runtime, run
     from metergate.server import serve as serve_runtime
 
     _setup_logging(log_level)
     cfg = _load(config)
     try:
         runtime = build_runtime(cfg)
-    except ConfigError as exc:
+        run(serve_runtime(runtime))
+    except (ConfigError, ListenError) as exc:
         err_console.print(f"[bold red]cannot start[/]\n{exc}")
         raise typer.Exit(1) from None
-    run(serve_runtime(runtime))
 
 
 @app.command("check-config")
@@ -66,7 +66,9 @@ def check_config(path: Annotated[Path, typer.Argument(help="The YAML config file
     """Validate a config and print what it means: listeners, providers, routes, teams, budgets."""
     cfg = _load(path)
     console.print(f"[bold green]{path}: valid[/]")
-    console.print(f"LLM API on [bold]{cfg.server.listen}[/], Prometheus metrics on [bold]{cfg.server.metrics_listen}/metrics[/]")
+    console.print(
+        f"LLM API on [bold]{cfg.server.listen}[/], Prometheus metrics on [bold]{cfg.server.metrics_listen}/metrics[/]"
+    )
     providers = Table("provider", "type", "base_url", "credential", "priced as", title="Providers")
     for name, p in cfg.providers.items():
         credential = f"${p.api_key_env}" if p.api_key_env else "(none)"
@@ -96,7 +98,9 @@ def check_config(path: Annotated[Path, typer.Argument(help="The YAML config file
             prices.add_row(pr.model, pr.provider or "any", f"{pr.input_mtok}", f"{pr.output_mtok}")
         console.print(prices)
     if cfg.server.trusted_headers:
-        console.print("[yellow]trusted headers on:[/] x-metergate-team / x-metergate-app attribute requests without a key")
+        console.print(
+            "[yellow]trusted headers on:[/] x-metergate-team / x-metergate-app attribute requests without a key"
+        )
     for warning in cfg.missing_secrets():
         console.print(f"[yellow]warning:[/] {warning} (serve will refuse to start)")
 

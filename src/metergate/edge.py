@@ -132,6 +132,10 @@ class MetricsApp:
 
 async def _plain(send: Send, status: int, body: bytes) -> None:
     await send(
-        {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain; charset=utf-8")]}
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+        }
     )
     await send({"type": "http.response.body", "body": body})

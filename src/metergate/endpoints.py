@@ -61,7 +61,9 @@ _STATIC: dict[tuple[str, str], Endpoint] = {
     ("POST", "/openai/responses"): Endpoint("/openai/responses", "openai", "responses", azure_path=True),
 }
 
-_GEMINI = re.compile(r"^/(v1beta|v1)/models/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents|countTokens)$")
+_GEMINI = re.compile(
+    r"^/(v1beta|v1)/models/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents|countTokens)$"
+)
 _GEMINI_OPS: dict[str, Operation] = {
     "generateContent": "generate",
     "streamGenerateContent": "stream_generate",

@@ -84,7 +84,11 @@ def stream_error_event(family: Family, operation: str, message: str) -> bytes:
         data = orjson.dumps({"type": "error", "code": "server_error", "message": message, "param": None})
         return b"event: error\ndata: " + data + b"\n\n"
     if family == "gemini":
-        return b"data: " + orjson.dumps({"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}}) + b"\r\n\r\n"
+        return (
+            b"data: "
+            + orjson.dumps({"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}})
+            + b"\r\n\r\n"
+        )
     data = orjson.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
     return b"data: " + data + b"\n\n"
 

@@ -63,7 +63,15 @@ _DROP_REQUEST = frozenset(
     }
 )
 _DROP_RESPONSE = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "upgrade", "trailer"}
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "content-encoding",
+        "upgrade",
+        "trailer",
+    }
 )
 COST_HEADER = b"x-metergate-cost-usd"
 REQUEST_ID_HEADER = b"x-metergate-request-id"
@@ -228,14 +236,22 @@ class Gateway:
         upstream = route.upstream
         principal = ctx.principal
         ctx.provider_label = upstream.name
-        ctx.model_label = self.labels.model(upstream.name, upstream.config.pricing_provider_id, route.upstream_model)
+        # Azure deployments are labelled with the model they run, like every other provider's traffic.
+        ctx.model_label = self.labels.model(
+            upstream.name, upstream.config.pricing_provider_id, upstream.pricing_model(route.upstream_model)
+        )
         if self.admission is not None:
             try:
                 ctx.reservation = await self.admission.reserve(ctx)
             except GatewayError as err:
                 await self._fail(out, ctx, err)
                 return
-        flight = (self.labels.team(principal.team), self.labels.app(principal.app), endpoint.label, upstream.name)
+        flight = (
+            self.labels.team(principal.team),
+            self.labels.app(principal.app),
+            endpoint.label,
+            upstream.name,
+        )
         self.meter.request_started(*flight)
         try:
             await self._forward(req, out, ctx, upstream, route, facts)
@@ -273,7 +289,9 @@ class Gateway:
         else:
             body = req.body  # forwarded byte for byte
         url = upstream.url(ctx.match, req.path, req.query, route.upstream_model)
-        headers = [(k, v) for k, v in req.headers.items() if k not in _DROP_REQUEST and not k.startswith("x-metergate-")]
+        headers = [
+            (k, v) for k, v in req.headers.items() if k not in _DROP_REQUEST and not k.startswith("x-metergate-")
+        ]
         headers.append(("accept-encoding", "identity"))
         headers.extend(upstream.auth_headers().items())
         session = self._sessions[upstream.name]
@@ -283,11 +301,19 @@ class Gateway:
             return await self._fail(out, ctx, GatewayError(504, "upstream_timeout", "The upstream provider timed out."))
         except aiohttp.ClientConnectorError as exc:
             return await self._fail(
-                out, ctx, GatewayError(502, "upstream_unreachable", f"The upstream provider is unreachable: {exc.strerror or exc}")
+                out,
+                ctx,
+                GatewayError(
+                    502,
+                    "upstream_unreachable",
+                    f"The upstream provider is unreachable: {exc.strerror or exc}",
+                ),
             )
         except (aiohttp.ClientError, OSError) as exc:
             return await self._fail(
-                out, ctx, GatewayError(502, "upstream_reset", f"The upstream connection failed: {type(exc).__name__}")
+                out,
+                ctx,
+                GatewayError(502, "upstream_reset", f"The upstream connection failed: {type(exc).__name__}"),
             )
         async with response:
             content_type = response.headers.get("content-type", "")
@@ -308,7 +334,9 @@ class Gateway:
             return await self._fail(out, ctx, GatewayError(504, "upstream_timeout", "The upstream provider timed out."))
         except (aiohttp.ClientError, OSError) as exc:
             return await self._fail(
-                out, ctx, GatewayError(502, "upstream_reset", f"The upstream connection failed: {type(exc).__name__}")
+                out,
+                ctx,
+                GatewayError(502, "upstream_reset", f"The upstream connection failed: {type(exc).__name__}"),
             )
         status = response.status
         usage = Usage()
@@ -323,7 +351,11 @@ class Gateway:
                 return await self._fail(
                     out,
                     ctx,
-                    GatewayError(502, "upstream_malformed", "The upstream provider returned a response that is not JSON."),
+                    GatewayError(
+                        502,
+                        "upstream_malformed",
+                        "The upstream provider returned a response that is not JSON.",
+                    ),
                 )
             try:
                 usage = API_ADAPTERS[ctx.family].usage_from_body(endpoint, parsed)
@@ -412,10 +444,10 @@ class Gateway:
                 code = 504
             elif error_type in ("upstream_reset", "upstream_malformed_usage"):
                 code = 502
-            if tail:
-                await out.send(tail, more=True)
             if error_message:
                 await out.send(stream_error_event(ctx.family, ctx.match.endpoint.operation, error_message), more=True)
+            if tail:
+                await out.send(tail, more=True)
             await out.send(b"")
         record = self._record(ctx, code, usage, error_type, stream=True)
         record.metered = metered

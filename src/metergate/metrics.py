@@ -30,7 +30,25 @@ from metergate.usage import UsageRecord
 
 LABELS = ("team", "app", "endpoint", "model", "provider", "code")
 IN_FLIGHT_LABELS = ("team", "app", "endpoint", "provider")
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    180.0,
+    300.0,
+)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 
 LabelKey = tuple[str, str, str, str, str, str]
@@ -140,12 +158,28 @@ class Meter(Collector):
     def collect(self) -> Iterator[Metric]:
         series = list(self._series.items())
         untyped = (
-            ("llm_tokens_in", "Input tokens billed by the provider, cached reads and cache writes included.", "tokens_in"),
+            (
+                "llm_tokens_in",
+                "Input tokens billed by the provider, cached reads and cache writes included.",
+                "tokens_in",
+            ),
             ("llm_tokens_out", "Output tokens billed by the provider, reasoning included.", "tokens_out"),
             ("llm_total_cost_usd", "Cost in USD priced from the provider's own usage figures.", "cost"),
-            ("llm_tokens_in_cached", "Input tokens read from the provider's prompt cache (within llm_tokens_in).", "cached_in"),
-            ("llm_tokens_in_cache_write", "Input tokens written to the prompt cache (within llm_tokens_in).", "cache_write_in"),
-            ("llm_tokens_out_reasoning", "Reasoning/thinking tokens (within llm_tokens_out).", "reasoning_out"),
+            (
+                "llm_tokens_in_cached",
+                "Input tokens read from the provider's prompt cache (within llm_tokens_in).",
+                "cached_in",
+            ),
+            (
+                "llm_tokens_in_cache_write",
+                "Input tokens written to the prompt cache (within llm_tokens_in).",
+                "cache_write_in",
+            ),
+            (
+                "llm_tokens_out_reasoning",
+                "Reasoning/thinking tokens (within llm_tokens_out).",
+                "reasoning_out",
+            ),
         )
         for name, help_text, attr in untyped:
             family = UnknownMetricFamily(name, help_text, labels=LABELS)
@@ -154,13 +188,17 @@ class Meter(Collector):
             yield family
         requests = CounterMetricFamily("llm_requests", "Requests that reached an API route.", labels=LABELS)
         unpriced = CounterMetricFamily(
-            "llm_unpriced_requests", "Requests for a model with no known price (cost not counted).", labels=LABELS
+            "llm_unpriced_requests",
+            "Requests for a model with no known price (cost not counted).",
+            labels=LABELS,
         )
         latency = HistogramMetricFamily(
             "llm_latency_seconds", "Time from request start to the last byte of the response.", labels=LABELS
         )
         ttft = HistogramMetricFamily(
-            "llm_time_to_first_token_seconds", "Time from request start to the first streamed byte.", labels=LABELS
+            "llm_time_to_first_token_seconds",
+            "Time from request start to the first streamed byte.",
+            labels=LABELS,
         )
         for key, s in series:
             requests.add_metric(key, s.requests)
@@ -184,7 +222,9 @@ class Meter(Collector):
             in_flight.add_metric(flight_key, n)
         yield in_flight
         info = GaugeMetricFamily(
-            "metergate_build_info", "metergate version and the pinned genai-prices version.", labels=list(self._build)
+            "metergate_build_info",
+            "metergate version and the pinned genai-prices version.",
+            labels=list(self._build),
         )
         info.add_metric(list(self._build.values()), 1)
         yield info

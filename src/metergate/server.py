@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -59,12 +61,32 @@ def build_runtime(config: Config, sinks: list[RecordSink] | None = None) -> Runt
     return Runtime(config, gateway, meter)
 
 
-class _Server(uvicorn.Server):
-    """A uvicorn server whose signals are handled by `serve`, which owns both listeners."""
+class SignalFreeServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to its owner (which may run several servers in one loop)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def bind(listen: str) -> socket.socket:
+    """A listening socket, bound before anything else starts so a taken port is a clear error, not a traceback."""
+    host, port = parse_hostport(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"metergate: cannot listen on {listen}: {exc.strerror}") from None
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+class ListenError(Exception):
+    pass
 
 
 def _uvicorn_config(app: object, listen: str, graceful_s: float) -> uvicorn.Config:
@@ -80,7 +102,7 @@ def _uvicorn_config(app: object, listen: str, graceful_s: float) -> uvicorn.Conf
         log_level="warning",
         server_header=False,
         date_header=False,
-        timeout_graceful_shutdown=graceful_s,
+        timeout_graceful_shutdown=math.ceil(graceful_s),
         timeout_keep_alive=75,
         backlog=4096,
     )
@@ -100,21 +122,37 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
 
     draining = False
-    api = _Server(
-        _uvicorn_config(ApiApp(runtime.gateway, config.server.max_body_bytes), config.server.listen, config.server.shutdown_timeout_s)
+    api_socket = bind(config.server.listen)
+    try:
+        metrics_socket = bind(config.server.metrics_listen)
+    except ListenError:
+        api_socket.close()
+        raise
+    api = SignalFreeServer(
+        _uvicorn_config(
+            ApiApp(runtime.gateway, config.server.max_body_bytes),
+            config.server.listen,
+            config.server.shutdown_timeout_s,
+        )
     )
-    metrics = _Server(_uvicorn_config(MetricsApp(runtime.meter, lambda: not draining), config.server.metrics_listen, 5))
+    metrics = SignalFreeServer(
+        _uvicorn_config(MetricsApp(runtime.meter, lambda: not draining), config.server.metrics_listen, 5)
+    )
     for service in runtime.services:
         await service.start()
     await runtime.gateway.start()
-    metrics_task = asyncio.create_task(metrics.serve())
-    api_task = asyncio.create_task(api.serve())
+    metrics_task = asyncio.create_task(metrics.serve(sockets=[metrics_socket]))
+    api_task = asyncio.create_task(api.serve(sockets=[api_socket]))
     while not (api.started and metrics.started):
         if api_task.done() or metrics_task.done():
             await _stop_both(api, metrics, api_task, metrics_task)
-            raise SystemExit(f"metergate: cannot listen on {config.server.listen} or {config.server.metrics_listen}")
+            raise ListenError(f"metergate: cannot serve on {config.server.listen} / {config.server.metrics_listen}")
         await asyncio.sleep(0.01)
-    log.info("metergate serving the LLM API on %s and /metrics on %s", config.server.listen, config.server.metrics_listen)
+    log.info(
+        "metergate serving the LLM API on %s and /metrics on %s",
+        config.server.listen,
+        config.server.metrics_listen,
+    )
     if on_ready is not None:
         result = on_ready()
         if result is not None:
@@ -133,7 +171,7 @@ async def serve(
     stop_wait.cancel()
 
 
-async def _stop_both(api: _Server, metrics: _Server, *tasks: asyncio.Task[None]) -> None:
+async def _stop_both(api: SignalFreeServer, metrics: SignalFreeServer, *tasks: asyncio.Task[None]) -> None:
     api.should_exit = metrics.should_exit = True
     for task in tasks:
         with contextlib.suppress(BaseException):

@@ -29,6 +29,7 @@ from metergate.usage import Usage, UsageError, count
 
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
+
 def parse_anthropic_usage(usage: Mapping[str, Any]) -> Usage:
     fresh = count(usage.get("input_tokens"), "input_tokens")
     cache_write = count(usage.get("cache_creation_input_tokens"), "cache_creation_input_tokens")

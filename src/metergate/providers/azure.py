@@ -39,7 +39,11 @@ class AzureUpstream(Upstream):
         else:
             params.setdefault("api-version", self.config.api_version or "")
             if endpoint.azure_path and match.path_model is not None:
-                path = path.replace(f"/deployments/{match.path_model}/", f"/deployments/{self.deployment_for(upstream_model)}/", 1)
+                path = path.replace(
+                    f"/deployments/{match.path_model}/",
+                    f"/deployments/{self.deployment_for(upstream_model)}/",
+                    1,
+                )
             elif endpoint.operation == "responses":
                 path = "/openai/responses"
             elif endpoint.operation in _DEPLOYMENT_SUFFIX:

@@ -48,7 +48,7 @@ class StreamMeter(ABC):
         """Meter one upstream chunk; returns what to relay to the client."""
 
     def flush(self) -> bytes:
-        """Bytes still held back when the upstream stream ended."""
+        """Complete events held back until the upstream ended, to relay after any error the gateway adds."""
         return b""
 
     @abstractmethod
@@ -73,9 +73,6 @@ class SSEStreamMeter(StreamMeter):
             return chunk
         out = [relayed for event in events if (relayed := self.observe(event)) is not None]
         return b"".join(out)
-
-    def flush(self) -> bytes:
-        return self._buffer.pending() if self.rewrites else b""
 
     @abstractmethod
     def observe(self, event: SSEEvent) -> bytes | None:

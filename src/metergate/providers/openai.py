@@ -93,21 +93,28 @@ class ChatStreamMeter(SSEStreamMeter):
     When the gateway added `include_usage` on the client's behalf, it hides what the client did not ask for:
     the usage chunk itself, and the `"usage":null` member OpenAI then adds to every other chunk. A chunk with
     `choices: []` but no usage (Azure's content-filter chunks) is relayed untouched.
+
+    `data: [DONE]` is held back until the upstream ends, so that an error the gateway must report (unreadable
+    usage) reaches the client before it; SDKs stop reading at `[DONE]`.
     """
+
+    rewrites = True
 
     def __init__(self, hide_usage: bool) -> None:
         super().__init__()
         self._hide = hide_usage
-        self.rewrites = hide_usage
         self._usage: Usage | None = None
         self._error: UsageError | None = None
+        self._done = b""
 
     def observe(self, event: SSEEvent) -> bytes | None:
         data = event.data
         if _USAGE_KEY not in data:
             if data.startswith(b"[DONE]"):
                 self.finished = True
-            elif data.startswith(b'{"error"'):
+                self._done = event.raw
+                return None
+            if data.startswith(b'{"error"'):
                 self.upstream_error = "stream_error"
             return event.raw
         if self._hide:
@@ -118,7 +125,8 @@ class ChatStreamMeter(SSEStreamMeter):
             chunk = require_dict(orjson.loads(data), "stream chunk")
         except (orjson.JSONDecodeError, UsageError) as exc:
             self._error = UsageError(f"malformed usage chunk: {exc}")
-            return event.raw
+            # A garbled chunk the client never asked for is not passed on to break its SDK.
+            return None if self._hide else event.raw
         usage = chunk.get("usage")
         if usage is None:
             return event.raw
@@ -130,6 +138,9 @@ class ChatStreamMeter(SSEStreamMeter):
         if self._hide and chunk.get("choices") == []:
             return None
         return event.raw
+
+    def flush(self) -> bytes:
+        return self._done
 
     def usage(self) -> Usage:
         if self._usage is not None:

@@ -9,6 +9,7 @@ import threading
 
 import uvicorn
 
+from metergate.server import SignalFreeServer
 from metergate.simulator.app import SimulatedProvider
 from metergate.simulator.plan import Bill, Billed
 
@@ -50,8 +51,7 @@ class SimulatorThread:
         self.app = app or SimulatedProvider(DEFAULT_KEYS)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(simulator_config(self.app, "127.0.0.1", self.port))
-        self._server.capture_signals = _no_signals  # type: ignore[method-assign]
+        self._server = SignalFreeServer(simulator_config(self.app, "127.0.0.1", self.port))
         self._thread = threading.Thread(target=self._run, name="simulated-provider", daemon=True)
 
     def _run(self) -> None:
@@ -75,8 +75,7 @@ class SimulatorThread:
 
 async def serve_simulator(app: SimulatedProvider, host: str, port: int) -> uvicorn.Server:
     """Start a simulated provider inside the running event loop (the demo); returns the started server."""
-    server = uvicorn.Server(simulator_config(app, host, port))
-    server.capture_signals = _no_signals  # type: ignore[method-assign]
+    server = SignalFreeServer(simulator_config(app, host, port))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -85,16 +84,12 @@ async def serve_simulator(app: SimulatedProvider, host: str, port: int) -> uvico
     return server
 
 
-class _NoSignals:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _no_signals() -> _NoSignals:
-    return _NoSignals()
-
-
-__all__ = ["DEFAULT_KEYS", "Bill", "Billed", "SimulatedProvider", "SimulatorThread", "free_port", "serve_simulator"]
+__all__ = [
+    "DEFAULT_KEYS",
+    "Bill",
+    "Billed",
+    "SimulatedProvider",
+    "SimulatorThread",
+    "free_port",
+    "serve_simulator",
+]

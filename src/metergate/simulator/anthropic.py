@@ -98,24 +98,45 @@ async def messages(body: dict[str, Any], plan: Plan, bill: Bill, wire: Wire, *, 
             ),
         ),
         # Anthropic pads some data lines with spaces inside the JSON text.
-        ("content_block_start", b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}      }\n\n'),
+        (
+            "content_block_start",
+            b"event: content_block_start\n"
+            b'data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}      }\n\n',
+        ),
         ("ping", b'event: ping\ndata: {"type": "ping"}\n\n'),
     ]
     for text, _ in parts:
         payload = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
         events.append(("content_block_delta", sse(payload, "content_block_delta")))
-    events.append(("content_block_stop", b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0 }\n\n'))
+    events.append(
+        (
+            "content_block_stop",
+            b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0 }\n\n',
+        )
+    )
     # Newer API versions repeat the (cumulative) input figures in message_delta; older ones send output only.
     delta_usage: dict[str, Any] = {"output_tokens": b.output}
     if not legacy_delta:
         full = usage(b, b.output, garble)
-        delta_usage = {k: full[k] for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")}
+        delta_usage = {
+            k: full[k]
+            for k in (
+                "input_tokens",
+                "cache_creation_input_tokens",
+                "cache_read_input_tokens",
+                "output_tokens",
+            )
+        }
     delta_index = len(events)
     events.append(
         (
             "message_delta",
             sse(
-                {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": delta_usage},
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": delta_usage,
+                },
                 "message_delta",
             ),
         )
@@ -127,7 +148,9 @@ async def messages(body: dict[str, Any], plan: Plan, bill: Bill, wire: Wire, *, 
         if plan.reset_after is not None and i >= plan.reset_after:
             raise SimulatedReset
         if plan.fail == "stream-error" and i == min(4, delta_index):
-            await wire.write(sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "error"))
+            await wire.write(
+                sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "error")
+            )
             await wire.end()
             bill.completed = True
             return

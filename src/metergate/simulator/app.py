@@ -75,11 +75,19 @@ class SimulatedProvider:
         if gm:
             family, api, model = "gemini", f"gemini.{gm.group(3)}", gm.group(2)
         elif am:
-            family, api, model = "azure", f"azure.{am.group(2)}", self.deployments.get(am.group(1), am.group(1))
+            family, api, model = (
+                "azure",
+                f"azure.{am.group(2)}",
+                self.deployments.get(am.group(1), am.group(1)),
+            )
         elif path.startswith("/openai/"):
             family, api, model = "azure", "azure." + path.removeprefix("/openai/").removeprefix("v1/"), ""
         elif path.startswith("/v1/messages"):
-            family, api, model = "anthropic", "anthropic." + ("count_tokens" if path.endswith("count_tokens") else "messages"), ""
+            family, api, model = (
+                "anthropic",
+                "anthropic." + ("count_tokens" if path.endswith("count_tokens") else "messages"),
+                "",
+            )
         elif path.startswith("/v1/"):
             family, api, model = "openai", "openai." + path[4:].replace("/", "."), ""
         else:
@@ -125,7 +133,15 @@ class SimulatedProvider:
         await self._answer(family, api, model, query, body, plan, bill, wire)
 
     async def _answer(
-        self, family: str, api: str, model: str, query: str, body: dict[str, Any], plan: Any, bill: Bill, wire: Wire
+        self,
+        family: str,
+        api: str,
+        model: str,
+        query: str,
+        body: dict[str, Any],
+        plan: Any,
+        bill: Bill,
+        wire: Wire,
     ) -> None:
         azure = family == "azure"
         if api in ("openai.chat.completions", "azure.chat/completions"):
@@ -137,7 +153,7 @@ class SimulatedProvider:
         elif api in ("openai.embeddings", "azure.embeddings"):
             await openai.embeddings(body, plan, bill, wire)
         elif api == "anthropic.messages":
-            await anthropic.messages(body, plan, bill, wire, legacy_delta=bool(body.get("metadata", {}).get("legacy_delta")))
+            await anthropic.messages(body, plan, bill, wire, legacy_delta=plan.legacy_delta)
         elif api == "anthropic.count_tokens":
             await anthropic.count_tokens(body, plan, bill, wire)
         elif api == "gemini.generateContent":

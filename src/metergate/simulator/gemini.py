@@ -149,5 +149,9 @@ async def count_tokens(body: dict[str, Any], plan: Plan, bill: Bill, wire: Wire)
         contents = request.get("contents") if isinstance(request, dict) else []
     total = sum(content_tokens(c) for c in contents or [])
     bill.planned = Billed()
-    await wire.json(200, {"totalTokens": total, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": total}]}, indent=True)
+    await wire.json(
+        200,
+        {"totalTokens": total, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": total}]},
+        indent=True,
+    )
     bill.completed = True

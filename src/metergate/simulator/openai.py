@@ -57,7 +57,11 @@ def responses_usage(plan: Plan, garble: bool = False) -> dict[str, Any]:
 
 
 def _headers() -> dict[str, str]:
-    return {"x-request-id": f"req_{rand_id(24)}", "openai-processing-ms": "42", "openai-version": "2020-10-01"}
+    return {
+        "x-request-id": f"req_{rand_id(24)}",
+        "openai-processing-ms": "42",
+        "openai-version": "2020-10-01",
+    }
 
 
 def _finish_bill(bill: Bill, plan: Plan) -> None:
@@ -65,7 +69,9 @@ def _finish_bill(bill: Bill, plan: Plan) -> None:
     bill.usage_readable = plan.fail not in ("bad-usage", "no-usage")
 
 
-async def chat(body: dict[str, Any], plan: Plan, bill: Bill, wire: Wire, *, azure: bool = False, legacy: bool = False) -> None:
+async def chat(
+    body: dict[str, Any], plan: Plan, bill: Bill, wire: Wire, *, azure: bool = False, legacy: bool = False
+) -> None:
     model = str(body.get("model"))
     version = MODEL_VERSIONS.get(model, model)
     created = int(time.time())
@@ -78,7 +84,7 @@ async def chat(body: dict[str, Any], plan: Plan, bill: Bill, wire: Wire, *, azur
         if legacy:
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}
         else:
-            message = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
         response: dict[str, Any] = {
             "id": cid,
@@ -135,7 +141,10 @@ async def chat(body: dict[str, Any], plan: Plan, bill: Bill, wire: Wire, *, azur
     events: list[bytes] = []
     if azure:
         # Azure's first chunk reports the prompt filter verdict with empty choices and no usage: not a usage chunk.
-        verdict = {"hate": {"filtered": False, "severity": "safe"}, "violence": {"filtered": False, "severity": "safe"}}
+        verdict = {
+            "hate": {"filtered": False, "severity": "safe"},
+            "violence": {"filtered": False, "severity": "safe"},
+        }
         events.append(
             sse(
                 {
@@ -256,21 +265,35 @@ async def responses(body: dict[str, Any], plan: Plan, bill: Bill, wire: Wire) ->
     add("response.content_part.done", item_id=mid, output_index=0, content_index=0, part=content)
     add("response.output_item.done", output_index=0, item=message)
     terminal_index = len(events)
-    add("response.completed", response=response_obj("completed", None if plan.fail == "no-usage" else usage, [message]))
+    add(
+        "response.completed",
+        response=response_obj("completed", None if plan.fail == "no-usage" else usage, [message]),
+    )
 
     await wire.start("text/event-stream; charset=utf-8", _headers())
     for i, (kind, payload) in enumerate(events):
         if plan.reset_after is not None and i >= plan.reset_after:
             raise SimulatedReset
         if plan.fail == "stream-error" and i == 5:
-            await wire.write(sse({"type": "error", "code": "server_error", "message": "Internal error", "param": None, "sequence_number": i}, "error"))
+            await wire.write(
+                sse(
+                    {
+                        "type": "error",
+                        "code": "server_error",
+                        "message": "Internal error",
+                        "param": None,
+                        "sequence_number": i,
+                    },
+                    "error",
+                )
+            )
             await wire.end()
             bill.completed = True
             return
         if i == terminal_index:
             if plan.fail == "malformed-json":
                 bill.usage_readable = False
-                await wire.write(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"respo\n\n")
+                await wire.write(b'event: response.completed\ndata: {"type":"response.completed","respo\n\n')
                 continue
             _finish_bill(bill, plan)
         await wire.write(sse(payload, kind))

@@ -23,6 +23,7 @@ CHUNKS = "x-sim-chunks"  # content events in a stream
 DELAY_MS = "x-sim-delay-ms"  # before the response starts
 CHUNK_DELAY_MS = "x-sim-chunk-delay-ms"  # between stream events
 FAIL = "x-sim-fail"  # see Plan.fail
+LEGACY_DELTA = "x-sim-legacy-delta"  # "1": Anthropic message_delta carries output_tokens only (older API versions)
 
 
 @dataclass(slots=True)
@@ -67,6 +68,7 @@ class Plan:
     # "hang"
     fail: str | None
     tag: str | None
+    legacy_delta: bool = False
 
     @property
     def fail_status(self) -> int | None:
@@ -115,6 +117,7 @@ def make_plan(headers: dict[str, str], body: bytes, max_output: int | None, *, e
         chunk_delay_s=(_int(headers, CHUNK_DELAY_MS) or 0) / 1000,
         fail=headers.get(FAIL),
         tag=headers.get(TAG),
+        legacy_delta=headers.get(LEGACY_DELTA) == "1",
     )
 
 
@@ -129,10 +132,33 @@ def split_text(tokens: int, pieces: int) -> list[tuple[str, int]]:
     return out
 
 
-_WORDS = (
-    "metered tokens flow through the gateway while every team sees what it spends and why the bill grew "
-    "so budgets hold and forecasts stay honest"
-).split()
+_WORDS = [
+    "metered",
+    "tokens",
+    "flow",
+    "through",
+    "the",
+    "gateway",
+    "while",
+    "every",
+    "team",
+    "sees",
+    "what",
+    "it",
+    "spends",
+    "and",
+    "why",
+    "the",
+    "bill",
+    "grew",
+    "so",
+    "budgets",
+    "hold",
+    "and",
+    "forecasts",
+    "stay",
+    "honest",
+]
 
 
 def json_number_or_text(value: int, garble: bool) -> Any:

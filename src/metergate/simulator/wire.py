@@ -33,7 +33,13 @@ class Wire:
         self.events_sent = 0
 
     async def json(
-        self, status: int, obj: Any, headers: dict[str, str] | None = None, *, raw: bytes | None = None, indent: bool = False
+        self,
+        status: int,
+        obj: Any,
+        headers: dict[str, str] | None = None,
+        *,
+        raw: bytes | None = None,
+        indent: bool = False,
     ) -> None:
         body = raw if raw is not None else (pretty(obj) + b"\n" if indent else orjson.dumps(obj))
         await self._send(
