@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from metergate.config import Config, ConfigError, load_config
 
@@ -20,8 +21,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Config values are printed as text, never as rich markup ("[hs]" in a glob is not a style), and laid out wide
+# when the output is not a terminal, so a piped report keeps whole values on one line.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The gateway's YAML config file.")]
 
@@ -34,12 +36,27 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _fail(title: str, detail: object) -> typer.Exit:
+    print(f"{title}\n{detail}", file=sys.stderr)
+    return typer.Exit(1)
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _row(table: Table, *cells: object) -> None:
+    table.add_row(*(Text(str(c)) for c in cells))
+
+
 def _load(path: Path) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        err_console.print(f"[bold red]invalid config[/]\n{exc}")
-        raise typer.Exit(1) from None
+        raise _fail("invalid config", exc) from None
 
 
 @app.command()
@@ -57,52 +74,47 @@ def serve(
         runtime = build_runtime(cfg)
         run(serve_runtime(runtime))
     except (ConfigError, ListenError) as exc:
-        err_console.print(f"[bold red]cannot start[/]\n{exc}")
-        raise typer.Exit(1) from None
+        raise _fail("cannot start", exc) from None
 
 
 @app.command("check-config")
 def check_config(path: Annotated[Path, typer.Argument(help="The YAML config file to check.")]) -> None:
     """Validate a config and print what it means: listeners, providers, routes, teams, budgets."""
     cfg = _load(path)
-    console.print(f"[bold green]{path}: valid[/]")
-    console.print(
-        f"LLM API on [bold]{cfg.server.listen}[/], Prometheus metrics on [bold]{cfg.server.metrics_listen}/metrics[/]"
-    )
-    providers = Table("provider", "type", "base_url", "credential", "priced as", title="Providers")
+    console.print(Text(f"{path}: valid", style="bold green"))
+    console.print(Text(f"LLM API on {cfg.server.listen}, Prometheus metrics on {cfg.server.metrics_listen}/metrics"))
+    providers = _table("Providers", "provider", "type", "base_url", "credential", "priced as")
     for name, p in cfg.providers.items():
         credential = f"${p.api_key_env}" if p.api_key_env else "(none)"
-        providers.add_row(name, p.type, p.base_url, credential, p.pricing_provider_id or "config prices only")
+        _row(providers, name, p.type, p.base_url, credential, p.pricing_provider_id or "config prices only")
     console.print(providers)
-    routes = Table("#", "model", "provider", "sent upstream as", title="Routes (first match wins)")
+    routes = _table("Routes (first match wins)", "#", "model", "provider", "sent upstream as")
     for i, r in enumerate(cfg.routes, 1):
-        routes.add_row(str(i), r.model, r.provider, r.upstream_model or "(as requested)")
+        _row(routes, i, r.model, r.provider, r.upstream_model or "(as requested)")
     console.print(routes)
     teams: dict[str, set[str]] = {}
     for k in cfg.keys:
         teams.setdefault(k.team, set()).add(k.app)
     for t in cfg.teams:
         teams.setdefault(t.name, set()).update(t.apps)
-    team_table = Table("team", "apps", "keys", title="Teams")
+    team_table = _table("Teams", "team", "apps", "keys")
     for team, apps in sorted(teams.items()):
-        team_table.add_row(team, ", ".join(sorted(apps)), str(sum(1 for k in cfg.keys if k.team == team)))
+        _row(team_table, team, ", ".join(sorted(apps)), sum(1 for k in cfg.keys if k.team == team))
     console.print(team_table)
     if cfg.budgets:
-        budgets = Table("scope", "period", "limit (USD)", "action", "warn at", title="Budgets")
+        budgets = _table("Budgets", "scope", "period", "limit (USD)", "action", "warn at")
         for b in cfg.budgets:
-            budgets.add_row(b.scope, b.period, f"{b.limit_usd:,.2f}", b.action, f"{b.warn_at:.0%}")
+            _row(budgets, b.scope, b.period, f"{b.limit_usd:,.2f}", b.action, f"{b.warn_at:.0%}")
         console.print(budgets)
     if cfg.prices:
-        prices = Table("model", "provider", "input $/Mtok", "output $/Mtok", title="Price overrides")
+        prices = _table("Price overrides", "model", "provider", "input $/Mtok", "output $/Mtok")
         for pr in cfg.prices:
-            prices.add_row(pr.model, pr.provider or "any", f"{pr.input_mtok}", f"{pr.output_mtok}")
+            _row(prices, pr.model, pr.provider or "any", pr.input_mtok, pr.output_mtok)
         console.print(prices)
     if cfg.server.trusted_headers:
-        console.print(
-            "[yellow]trusted headers on:[/] x-metergate-team / x-metergate-app attribute requests without a key"
-        )
+        console.print(Text("trusted headers on: x-metergate-team / x-metergate-app attribute requests without a key"))
     for warning in cfg.missing_secrets():
-        console.print(f"[yellow]warning:[/] {warning} (serve will refuse to start)")
+        console.print(Text(f"warning: {warning} (serve will refuse to start)", style="yellow"))
 
 
 @app.command()

@@ -29,6 +29,9 @@ DEFAULT_PRICING_PROVIDER: dict[str, str | None] = {
     "openai-compatible": None,
 }
 
+# Label values metergate gives to what the config does not name; no team or app may be called this.
+RESERVED_LABELS = frozenset({"other", "unauthenticated"})
+
 LabelValue = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
 
 
@@ -196,8 +199,8 @@ class BudgetDefaults(_Model):
 
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
-    providers: dict[LabelValue, ProviderConfig]
-    routes: list[RouteConfig]
+    providers: dict[LabelValue, ProviderConfig] = Field(min_length=1)
+    routes: list[RouteConfig] = Field(min_length=1)
     keys: list[KeyConfig] = Field(default_factory=list)
     teams: list[TeamConfig] = Field(default_factory=list)
     prices: list[PriceConfig] = Field(default_factory=list)
@@ -207,6 +210,10 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Config:
+        for i, key in enumerate(self.keys):
+            for field_name in ("team", "app"):
+                if getattr(key, field_name) in RESERVED_LABELS:
+                    raise _FieldError(("keys", i, field_name), f"{getattr(key, field_name)!r} is reserved by metergate")
         for i, route in enumerate(self.routes):
             if route.provider not in self.providers:
                 raise _FieldError(("routes", i, "provider"), f"unknown provider {route.provider!r}")
@@ -275,6 +282,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping with providers and routes")
+    duplicates = _duplicate_keys(node, source)
+    if duplicates:
+        raise ConfigError("\n".join(duplicates))
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -302,12 +312,14 @@ def _explain(exc: ValidationError, root: yaml.Node | None, source: str) -> Itera
 def _line_of(node: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
     """The 1-based line of the YAML node at `loc`, or of its nearest existing parent."""
     line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
+    last = len(loc) - 1
+    for depth, part in enumerate(loc):
         child: yaml.Node | None = None
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 if key_node.value == str(part):
-                    child = value_node if part != loc[-1] else key_node
+                    # The last element is a field: point at its key (an unknown field has no useful value line).
+                    child = key_node if depth == last else value_node
                     break
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             child = node.value[part]
@@ -316,3 +328,22 @@ def _line_of(node: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
         node = child
         line = node.start_mark.line + 1
     return line
+
+
+def _duplicate_keys(node: yaml.Node | None, source: str) -> list[str]:
+    """YAML lets a later key silently replace an earlier one; in a config that hides mistakes."""
+    problems: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                problems.append(f"{source}:{line}: duplicate key {key!r} (first given on line {seen[key]})")
+            else:
+                seen[key] = line
+            problems.extend(_duplicate_keys(value_node, source))
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            problems.extend(_duplicate_keys(item, source))
+    return problems

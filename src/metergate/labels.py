@@ -6,12 +6,12 @@ Every label value comes from the config or from a finite catalogue; anything a c
 
 from __future__ import annotations
 
-from metergate.config import Config
+from metergate.config import RESERVED_LABELS, Config
 from metergate.pricing import PriceBook
 
 OTHER = "other"
 UNAUTHENTICATED = "unauthenticated"
-RESERVED = frozenset({OTHER, UNAUTHENTICATED})
+assert {OTHER, UNAUTHENTICATED} == RESERVED_LABELS
 _MAX_CACHED_MODELS = 10_000
 
 

@@ -132,7 +132,7 @@ class PriceBook:
         self._overrides = overrides
         self._override_cards: dict[tuple[str, str], RateCard | None] = {}
         self._catalogue: dict[tuple[str | None, str], CatalogueEntry | None] = {}
-        self._cards: dict[tuple[int, str | None], tuple[ModelPrice, RateCard]] = {}
+        self._cards: dict[tuple[int, tuple[int, ...]], tuple[ModelPrice, RateCard]] = {}
         self._warned: set[tuple[str, str]] = set()
 
     def lookup(self, pricing_provider: str | None, model: str) -> CatalogueEntry | None:
@@ -191,14 +191,31 @@ class PriceBook:
                 )
             return None
         standard = entry.model.get_prices(at)
-        context_key = service_tier if service_tier and entry.model.price_variants else None
-        cache_key = (id(standard), context_key)
+        variants = self._active_variants(entry, at, service_tier)
+        cache_key = (id(standard), variants)
         cached = self._cards.get(cache_key)
         if cached is None or cached[0] is not standard:
-            resolved = entry.model.get_prices(at, {"service_tier": context_key}) if context_key else standard
+            resolved = entry.model.get_prices(at, {"service_tier": service_tier or ""}) if variants else standard
             cached = (standard, RateCard(resolved))
             self._cards[cache_key] = cached
         return cached[1].price(usage)
+
+    @staticmethod
+    def _active_variants(entry: CatalogueEntry, at: datetime, service_tier: str | None) -> tuple[int, ...]:
+        """Which of the model's price variants apply to this request (by service tier, at this time).
+
+        Like genai-prices, variants only apply when the provider lists the model itself, not when the model was
+        found through another provider's catalogue.
+        """
+        variants = entry.model.price_variants
+        if not service_tier or not variants or not any(entry.model is m for m in entry.provider.models):
+            return ()
+        context: dict[str, str] = {"service_tier": service_tier}
+        return tuple(
+            i
+            for i, v in enumerate(variants)
+            if (v.constraint is None or v.constraint.active(at)) and all(context.get(k) == w for k, w in v.when.items())
+        )
 
 
 def override_price(override: PriceConfig) -> ModelPrice:
