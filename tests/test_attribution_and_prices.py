@@ -24,7 +24,9 @@ def gw(simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]
         tmp_path_factory.mktemp("attr"),
         simulator.url,
         server_extra=", trusted_headers: true",
-        providers_extra=f'  vllm: {{type: openai-compatible, base_url: "{simulator.url}", api_key_env: SIM_OPENAI_KEY}}\n',
+        providers_extra=(
+            f'  vllm: {{type: openai-compatible, base_url: "{simulator.url}", api_key_env: SIM_OPENAI_KEY}}\n'
+        ),
         routes_first='  - {model: "llama-*", provider: vllm}\n  - {model: "qwen-*", provider: vllm}\n',
         extra=(
             "teams:\n  - {name: platform, apps: [batch-jobs]}\n"

@@ -489,9 +489,9 @@ def test_check_config_prints_the_error_lines_intact(tmp_path: Path) -> None:
     expected = str(info.value)
     result = check_config(str(path), tmp_path)
     assert result.returncode == 1
-    # Regression: cli._load printed the error with a rich Console, which hard-wrapped at the terminal width (80 columns when
-    # stderr is not a terminal), so "<path>:4: providers.openai.type: Input should be ..." comes out split across
-    # lines (the path itself is folded mid-way), and FILE:LINE: is no longer on one line with the field.
+    # Regression: cli._load printed the error with a rich Console, which hard-wrapped at the terminal width
+    # (80 columns when stderr is not a terminal), so "<path>:4: providers.openai.type: Input should be ..." came
+    # out split across lines (the path itself folded mid-way), FILE:LINE: no longer on one line with the field.
     assert expected in result.stderr.splitlines(), result.stderr
 
 

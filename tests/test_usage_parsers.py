@@ -843,17 +843,24 @@ def test_chat_usage_on_a_chunk_with_choices_is_never_hidden() -> None:
     assert meter.usage() == Usage(input_tokens=12, output_tokens=11)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an unparseable usage chunk with choices: [] is relayed to the client")
 def test_chat_unparseable_usage_chunk_with_empty_choices_is_still_hidden() -> None:
-    # BUG: ChatStreamMeter.observe returns event.raw when parse_openai_usage raises, BEFORE the `choices == []` check,
-    # so with hide_usage=True a usage chunk whose figures do not parse (here xAI's, reasoning outside
-    # completion_tokens) reaches a client that never asked for usage. The rule is "hide a chunk with non-null usage
-    # and choices: []"; clients index choices[0] and crash on it (headroom #2026, wire-formats.md §1.3).
-    upstream = sse(CHAT_USAGE[0], CHAT_USAGE[1], XAI_USAGE_CHUNK, b"data: [DONE]")
+    # Regression: ChatStreamMeter.observe returned event.raw when parse_openai_usage raised, before the
+    # `choices == []` check, so with hide_usage=True an unreadable usage chunk reached a client that never asked
+    # for usage; clients index choices[0] and crash on it (headroom #2026, wire-formats.md §1.3).
+    garbled = XAI_USAGE_CHUNK.replace(b'"prompt_tokens":32', b'"prompt_tokens":"32"')
+    upstream = sse(CHAT_USAGE[0], CHAT_USAGE[1], garbled, b"data: [DONE]")
     meter = ChatStreamMeter(hide_usage=True)
     assert relay(meter, [upstream]) == sse(*CHAT_USAGE_FOR_CLIENT)
     with pytest.raises(UsageError):
         meter.usage()
+
+
+def test_xai_reasoning_outside_completion_tokens_is_billed_as_output() -> None:
+    # xAI counts reasoning beside completion_tokens (32 + 9 + 94 = 135 total); billed output is 9 + 94.
+    upstream = sse(CHAT_USAGE[0], CHAT_USAGE[1], XAI_USAGE_CHUNK, b"data: [DONE]")
+    meter = ChatStreamMeter(hide_usage=True)
+    assert relay(meter, [upstream]) == sse(*CHAT_USAGE_FOR_CLIENT)
+    assert meter.usage() == Usage(input_tokens=32, output_tokens=103, cache_read_tokens=6, reasoning_tokens=94)
 
 
 def test_chat_stream_without_usage_cannot_be_metered() -> None:
@@ -1141,6 +1148,7 @@ def test_gemini_json_array_fed_in_arbitrary_splits() -> None:
 def test_gemini_truncated_json_array_falls_back_to_the_last_complete_usage_metadata() -> None:
     first_end = GEMINI_ARRAY.index(b'"totalTokenCount": 8\n  }') + len(b'"totalTokenCount": 8\n  }')
     second_end = GEMINI_ARRAY.index(b'"thoughtsTokenCount": 27\n  }') + len(b'"thoughtsTokenCount": 27\n  }')
+    finish_at = GEMINI_ARRAY.index(b'"finishReason"') + len(b'"finishReason"')
     for cut in range(len(GEMINI_ARRAY) + 1):
         meter = GeminiArrayMeter()
         assert relay(meter, [GEMINI_ARRAY[:cut]]) == GEMINI_ARRAY[:cut]
@@ -1151,7 +1159,8 @@ def test_gemini_truncated_json_array_falls_back_to_the_last_complete_usage_metad
         else:
             with pytest.raises(UsageError):
                 meter.usage()
-        assert meter.finished == (cut == len(GEMINI_ARRAY)), cut
+        # The chunk with finishReason is the provider's last word, even if the closing bracket never came.
+        assert meter.finished == (cut >= finish_at), cut
 
 
 def test_gemini_json_array_beyond_the_kept_tail_is_still_metered() -> None:

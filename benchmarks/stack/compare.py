@@ -66,9 +66,8 @@ def main() -> None:
     time.sleep(2)
     try:
         print(f"{'stack (server + client)':<28}{'rps plain':>12}{'rps stream':>12}{'p50 c=1':>12}")
-        print(
-            f"{'(upstream alone)':<28}{wrk(9001, PLAIN, 32)[0]:>12.0f}{wrk(9001, STREAM, 32)[0]:>12.0f}{wrk(9001, PLAIN, 1)[1]:>12}"
-        )
+        alone = (wrk(9001, PLAIN, 32)[0], wrk(9001, STREAM, 32)[0], wrk(9001, PLAIN, 1)[1])
+        print(f"{'(upstream alone)':<28}{alone[0]:>12.0f}{alone[1]:>12.0f}{alone[2]:>12}")
         measure("uvicorn+httptools + aiohttp", [py, "proxies.py", "uvicorn", "9002"], dict(env, CLIENT="aiohttp"))
         measure("aiohttp server + aiohttp", [py, "proxies.py", "aiohttp", "9002"], dict(env, CLIENT="aiohttp"))
         measure("uvicorn+httptools + httpx", [py, "proxies.py", "uvicorn", "9002"], dict(env, CLIENT="httpx"))

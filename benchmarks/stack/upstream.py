@@ -68,7 +68,7 @@ async def app(scope, receive, send):
     req = orjson.loads(body) if body else {}
     if req.get("stream"):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-        for i in range(20):
+        for _ in range(20):
             await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
         await send({"type": "http.response.body", "body": USAGE + b"data: [DONE]\n\n", "more_body": False})
     else:

@@ -24,18 +24,21 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class AsgiResponder:
-    """Writes a response through ASGI and watches for the client going away.
+    """Writes a response through ASGI and knows when the client has gone away.
 
-    uvicorn silently drops writes to a closed connection, so the only way to learn of a hang-up is to wait on
-    `receive()`, which returns `http.disconnect` once the connection is lost.
+    uvicorn silently drops writes to a closed connection. Its request cycle (the object `receive` is bound to)
+    keeps a `disconnected` flag, which is read directly when present: free, and exact. Under any other ASGI server
+    a task waits on `receive()`, which returns `http.disconnect` once the connection is lost.
     """
 
-    __slots__ = ("_gone", "_send", "_watch")
+    __slots__ = ("_cycle", "_gone", "_send", "_watch")
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self._send = send
         self._gone = False
-        self._watch = asyncio.ensure_future(self._wait_for_disconnect(receive))
+        cycle = getattr(receive, "__self__", None)
+        self._cycle = cycle if isinstance(getattr(cycle, "disconnected", None), bool) else None
+        self._watch = None if self._cycle is not None else asyncio.ensure_future(self._wait_for_disconnect(receive))
 
     async def _wait_for_disconnect(self, receive: Receive) -> None:
         while True:
@@ -46,6 +49,8 @@ class AsgiResponder:
 
     @property
     def disconnected(self) -> bool:
+        if self._cycle is not None:
+            return bool(self._cycle.disconnected)
         return self._gone
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -53,11 +58,12 @@ class AsgiResponder:
 
     async def send(self, body: bytes, more: bool = False) -> None:
         if not more:
-            self._watch.cancel()
+            self.close()
         await self._send({"type": "http.response.body", "body": body, "more_body": more})
 
     def close(self) -> None:
-        self._watch.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
 
 
 class ApiApp:

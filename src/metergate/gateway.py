@@ -76,6 +76,7 @@ _DROP_RESPONSE = frozenset(
 COST_HEADER = b"x-metergate-cost-usd"
 REQUEST_ID_HEADER = b"x-metergate-request-id"
 _JSON = [(b"content-type", b"application/json")]
+_ZERO = Decimal(0)
 
 
 @dataclass(slots=True)
@@ -376,7 +377,7 @@ class Gateway:
         headers = _relay_headers(response)
         headers.append((REQUEST_ID_HEADER, ctx.request_id.encode()))
         if not count_later:
-            headers.append((COST_HEADER, _format_cost(record.cost_usd).encode()))
+            headers.append((COST_HEADER, format(record.cost_usd, "f").encode()))
         await out.start(status, headers)
         await out.send(data)
         if out.disconnected:
@@ -509,7 +510,7 @@ class Gateway:
         record.usage = usage
         route = ctx.route
         if route is None or usage.is_empty():
-            record.cost_usd = 0.0
+            record.cost_usd = _ZERO
             record.priced = True
             return
         upstream = route.upstream
@@ -519,9 +520,10 @@ class Gateway:
             upstream.pricing_model(route.upstream_model),
             usage,
             datetime.fromtimestamp(ctx.started_at, UTC),
+            usage.service_tier,
         )
         record.priced = cost is not None
-        record.cost_usd = float(cost) if cost is not None else 0.0
+        record.cost_usd = cost if cost is not None else _ZERO
 
     def _emit(self, record: UsageRecord, ctx: RequestContext) -> None:
         """Count a finished request everywhere it must be counted, exactly once."""
@@ -599,7 +601,3 @@ def _upstream_error_type(status: int) -> str:
     if status == 429:
         return "upstream_rate_limited"
     return "upstream_client_error" if status < 500 else "upstream_server_error"
-
-
-def _format_cost(cost: float) -> str:
-    return format(Decimal(repr(cost)), "f")

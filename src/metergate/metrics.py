@@ -132,7 +132,7 @@ class Meter(Collector):
         series.cached_in += usage.cache_read_tokens
         series.cache_write_in += usage.cache_write_tokens
         series.reasoning_out += usage.reasoning_tokens
-        series.cost += rec.cost_usd
+        series.cost += float(rec.cost_usd)
         if not rec.priced:
             series.unpriced += 1
         series.latency.observe(rec.latency_s)

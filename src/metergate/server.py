@@ -102,6 +102,7 @@ def _uvicorn_config(app: object, listen: str, graceful_s: float) -> uvicorn.Conf
         log_level="warning",
         server_header=False,
         date_header=False,
+        proxy_headers=False,  # the client address is not used; skip uvicorn's X-Forwarded-For middleware
         timeout_graceful_shutdown=math.ceil(graceful_s),
         timeout_keep_alive=75,
         backlog=4096,

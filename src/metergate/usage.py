@@ -11,6 +11,9 @@ need to know which API a request used. The normalisation rules (PRODUCT.md, "Met
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
+
+_ZERO = Decimal(0)
 
 
 class UsageError(ValueError):
@@ -29,25 +32,12 @@ class Usage:
     input_audio_tokens: int = 0
     output_audio_tokens: int = 0
     web_searches: int = 0
+    # The provider's service tier for this request (OpenAI "flex"/"priority", Gemini "priority"...), which selects
+    # the price variant; None for the standard tier or when the provider does not say.
+    service_tier: str | None = None
 
     def is_empty(self) -> bool:
         return self.input_tokens == 0 and self.output_tokens == 0 and self.web_searches == 0
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple(), strict=True)))
-
-    def as_tuple(self) -> tuple[int, ...]:
-        return (
-            self.input_tokens,
-            self.output_tokens,
-            self.cache_read_tokens,
-            self.cache_write_tokens,
-            self.cache_write_1h_tokens,
-            self.reasoning_tokens,
-            self.input_audio_tokens,
-            self.output_audio_tokens,
-            self.web_searches,
-        )
 
 
 def count(value: object, name: str) -> int:
@@ -84,7 +74,7 @@ class UsageRecord:
     code: int
     stream: bool
     usage: Usage = field(default_factory=Usage)
-    cost_usd: float = 0.0
+    cost_usd: Decimal = _ZERO  # exact, as genai-prices computes it
     priced: bool = True
     metered: bool = True  # False when the request reached a provider but its usage could not be read
     error_type: str | None = None

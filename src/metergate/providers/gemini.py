@@ -55,7 +55,12 @@ def parse_gemini_usage(meta: Mapping[str, Any]) -> Usage:
         cache_read_tokens=cached,
         reasoning_tokens=thoughts,
         input_audio_tokens=min(audio_in, prompt),
+        service_tier=_tier(meta.get("serviceTier")),
     )
+
+
+def _tier(value: object) -> str | None:
+    return value.lower() if isinstance(value, str) and value and value.lower() != "standard" else None
 
 
 def _usage_metadata(obj: Any) -> Mapping[str, Any] | None:
@@ -103,6 +108,8 @@ class GeminiArrayMeter(StreamMeter):
         self._body = bytearray()
 
     def feed(self, chunk: bytes) -> bytes:
+        if b'"finishReason"' in chunk:
+            self.finished = True
         self._body += chunk
         if len(self._body) > 2 * _ARRAY_TAIL_BYTES:
             del self._body[:-_ARRAY_TAIL_BYTES]

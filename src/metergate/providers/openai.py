@@ -34,8 +34,12 @@ _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "r
 _RESPONSES_TERMINAL_BYTES = tuple(f'"{t}"'.encode() for t in _RESPONSES_TERMINAL)
 
 
-def parse_openai_usage(usage: Mapping[str, Any]) -> Usage:
-    """Chat Completions, Completions and Embeddings `usage` objects."""
+def parse_openai_usage(usage: Mapping[str, Any], service_tier: object = None) -> Usage:
+    """Chat Completions, Completions and Embeddings `usage` objects.
+
+    Some OpenAI-compatible servers (xAI) count reasoning outside `completion_tokens`; `total_tokens` tells which
+    convention a response uses, and billed output includes the reasoning either way.
+    """
     prompt = count(usage.get("prompt_tokens"), "prompt_tokens")
     completion = count(usage.get("completion_tokens"), "completion_tokens")
     prompt_details = usage.get("prompt_tokens_details") or {}
@@ -46,25 +50,31 @@ def parse_openai_usage(usage: Mapping[str, Any]) -> Usage:
     if not cached and "prompt_cache_hit_tokens" in usage:
         # DeepSeek and some OpenAI-compatible servers report cache hits at the top level, also within prompt_tokens.
         cached = count(usage.get("prompt_cache_hit_tokens"), "prompt_cache_hit_tokens")
+    cache_write = count(prompt_details.get("cache_write_tokens"), "prompt_tokens_details.cache_write_tokens")
     reasoning = count(completion_details.get("reasoning_tokens"), "completion_tokens_details.reasoning_tokens")
     audio_in = count(prompt_details.get("audio_tokens"), "prompt_tokens_details.audio_tokens")
     audio_out = count(completion_details.get("audio_tokens"), "completion_tokens_details.audio_tokens")
-    if cached > prompt or audio_in > prompt:
-        raise UsageError(f"cached or audio tokens exceed prompt_tokens ({cached}/{audio_in} > {prompt})")
+    total = usage.get("total_tokens")
+    if reasoning and total == prompt + completion + reasoning and total != prompt + completion:
+        completion += reasoning  # reasoning reported beside completion_tokens, not within it
+    if cached + cache_write > prompt or audio_in > prompt:
+        raise UsageError(f"cached, cache-write or audio tokens exceed prompt_tokens ({cached}/{audio_in} > {prompt})")
     if reasoning + audio_out > completion:
         raise UsageError(f"reasoning/audio tokens exceed completion_tokens ({reasoning}+{audio_out} > {completion})")
     return Usage(
         input_tokens=prompt,
         output_tokens=completion,
         cache_read_tokens=cached,
+        cache_write_tokens=cache_write,
         reasoning_tokens=reasoning,
         input_audio_tokens=audio_in,
         output_audio_tokens=audio_out,
+        service_tier=_tier(service_tier),
     )
 
 
-def parse_responses_usage(usage: Mapping[str, Any]) -> Usage:
-    """Responses API `usage` objects."""
+def parse_responses_usage(usage: Mapping[str, Any], service_tier: object = None, tool_usage: object = None) -> Usage:
+    """Responses API `usage` objects; web searches are counted in the response's `tool_usage`."""
     inp = count(usage.get("input_tokens"), "input_tokens")
     out = count(usage.get("output_tokens"), "output_tokens")
     in_details = usage.get("input_tokens_details") or {}
@@ -72,12 +82,33 @@ def parse_responses_usage(usage: Mapping[str, Any]) -> Usage:
     if not isinstance(in_details, Mapping) or not isinstance(out_details, Mapping):
         raise UsageError("usage details are not objects")
     cached = count(in_details.get("cached_tokens"), "input_tokens_details.cached_tokens")
+    cache_write = count(in_details.get("cache_write_tokens"), "input_tokens_details.cache_write_tokens")
     reasoning = count(out_details.get("reasoning_tokens"), "output_tokens_details.reasoning_tokens")
-    if cached > inp:
-        raise UsageError(f"cached tokens exceed input_tokens ({cached} > {inp})")
+    if cached + cache_write > inp:
+        raise UsageError(f"cached and cache-write tokens exceed input_tokens ({cached}+{cache_write} > {inp})")
     if reasoning > out:
         raise UsageError(f"reasoning tokens exceed output_tokens ({reasoning} > {out})")
-    return Usage(input_tokens=inp, output_tokens=out, cache_read_tokens=cached, reasoning_tokens=reasoning)
+    searches = 0
+    if isinstance(tool_usage, Mapping):
+        web = tool_usage.get("web_search")
+        if isinstance(web, Mapping):
+            searches = count(web.get("num_requests"), "tool_usage.web_search.num_requests")
+    return Usage(
+        input_tokens=inp,
+        output_tokens=out,
+        cache_read_tokens=cached,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=reasoning,
+        web_searches=searches,
+        service_tier=_tier(service_tier),
+    )
+
+
+def _tier(value: object) -> str | None:
+    """A non-default service tier ("flex", "priority"...), which selects a price variant."""
+    if isinstance(value, str) and value.lower() not in ("", "default", "auto", "standard"):
+        return value.lower()
+    return None
 
 
 def _usage_object(container: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -130,16 +161,18 @@ class ChatStreamMeter(SSEStreamMeter):
         usage = chunk.get("usage")
         if usage is None:
             return event.raw
+        hidden = self._hide and chunk.get("choices") == []
         try:
-            self._usage = parse_openai_usage(require_dict(usage, "usage"))
+            self._usage = parse_openai_usage(require_dict(usage, "usage"), chunk.get("service_tier"))
         except UsageError as exc:
             self._error = exc
-            return event.raw
-        if self._hide and chunk.get("choices") == []:
-            return None
-        return event.raw
+        return None if hidden else event.raw
 
     def flush(self) -> bytes:
+        tail = self._buffer.pending()
+        if not self._done and tail.strip() == b"data: [DONE]":
+            self.finished = True
+            return tail
         return self._done
 
     def usage(self) -> Usage:
@@ -170,7 +203,9 @@ class ResponsesStreamMeter(SSEStreamMeter):
             if payload["type"] == "response.failed":
                 self.upstream_error = "response_failed"
             response = require_dict(payload.get("response"), "event response")
-            self._usage = parse_responses_usage(_usage_object(response))
+            self._usage = parse_responses_usage(
+                _usage_object(response), response.get("service_tier"), response.get("tool_usage")
+            )
         except orjson.JSONDecodeError as exc:
             self._error = UsageError(f"malformed terminal event: {exc}")
         except UsageError as exc:
@@ -216,8 +251,8 @@ class OpenAIApi(ApiAdapter):
     def usage_from_body(self, endpoint: Endpoint, body: Any) -> Usage:
         obj = require_dict(body, "response")
         if endpoint.operation == "responses":
-            return parse_responses_usage(_usage_object(obj))
-        return parse_openai_usage(_usage_object(obj))
+            return parse_responses_usage(_usage_object(obj), obj.get("service_tier"), obj.get("tool_usage"))
+        return parse_openai_usage(_usage_object(obj), obj.get("service_tier"))
 
     def stream_meter(self, endpoint: Endpoint, facts: RequestFacts, sse: bool) -> StreamMeter:
         if endpoint.operation == "responses":
