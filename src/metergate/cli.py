@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -13,6 +17,10 @@ from rich.table import Table
 from rich.text import Text
 
 from metergate.config import Config, ConfigError, load_config
+from metergate.ledger import ApiKey, Ledger, LedgerError
+from metergate.periods import parse_day
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="metergate",
@@ -129,6 +137,192 @@ def demo(
 
     _setup_logging("warning")
     run_demo(listen=listen, metrics_listen=metrics_listen, rate=rate, duration=duration, console=console)
+
+
+keys_app = typer.Typer(
+    help="Virtual keys stored in the ledger database (only their sha256 is kept).", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _ledger(cfg: Config) -> Ledger:
+    if cfg.ledger is None:
+        raise _fail("no ledger", "this command needs `ledger: {url: ...}` in the config")
+    return Ledger(cfg.ledger, replica="cli")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except LedgerError as exc:
+        raise _fail("ledger error", exc) from None
+
+
+async def _with_ledger(cfg: Config, work: Callable[[Ledger], Awaitable[T]]) -> T:
+    ledger = _ledger(cfg)
+    try:
+        await ledger.store()
+        return await work(ledger)
+    finally:
+        await ledger.stop()
+
+
+@keys_app.command("create")
+def keys_create(
+    config: ConfigPath,
+    team: Annotated[str, typer.Option(help="The team the key's traffic is attributed to.")],
+    app_name: Annotated[str, typer.Option("--app", help="The app the key's traffic is attributed to.")],
+    name: Annotated[str, typer.Option(help="A note to recognise the key by.")] = "",
+) -> None:
+    """Create a key and print it once; only its hash is stored. Running gateways pick it up within seconds."""
+    from metergate.admin import KeyCreate, new_key
+
+    cfg = _load(config)
+    try:
+        KeyCreate(team=team, app=app_name, name=name)
+    except ValueError as exc:
+        raise _fail("invalid key", str(exc).splitlines()[0]) from None
+    key, record = new_key(team, app_name, name)
+
+    async def work(ledger: Ledger) -> None:
+        store = await ledger.store()
+        await ledger.call(store.add_key, record)
+
+    _run(_with_ledger(cfg, work))
+    console.print(Text(f"key {record.id} for team {team}, app {app_name} (shown once, store it now):"))
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigPath) -> None:
+    """Keys in the ledger database and the config's keys (hash prefixes only)."""
+    cfg = _load(config)
+
+    async def work(ledger: Ledger) -> list[ApiKey]:
+        store = await ledger.store()
+        return await ledger.call(store.keys, True)
+
+    table = _table("Keys", "id", "team", "app", "name", "sha256", "created", "status")
+    for k in cfg.keys:
+        _row(table, k.key_id, k.team, k.app, "(config)", k.sha256[:12], "", "active")
+    if cfg.ledger is not None:
+        for key in _run(_with_ledger(cfg, work)):
+            created = datetime.fromtimestamp(key.created_at).strftime("%Y-%m-%d %H:%M")
+            status = "revoked" if key.revoked_at else "active"
+            _row(table, key.id, key.team, key.app, key.name, key.sha256[:12], created, status)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(config: ConfigPath, key_id: Annotated[str, typer.Argument(help="The key's id (keys list).")]) -> None:
+    """Revoke a key: running gateways refuse it within seconds."""
+    cfg = _load(config)
+
+    async def work(ledger: Ledger) -> bool:
+        store = await ledger.store()
+        return await ledger.call(store.revoke_key, key_id)
+
+    if not _run(_with_ledger(cfg, work)):
+        raise _fail("not revoked", f"no active key {key_id} in the ledger (config keys are removed from the config)")
+    console.print(Text(f"revoked {key_id}"))
+
+
+Format = Literal["table", "csv", "json"]
+
+
+@app.command()
+def report(
+    config: ConfigPath,
+    start: Annotated[str, typer.Option("--from", help="First day, e.g. 2026-11-01.")],
+    end: Annotated[str, typer.Option("--to", help="Last day, inclusive.")],
+    by: Annotated[str, typer.Option(help="Group by: team, app, model, provider, endpoint, key_id.")] = "team,app,model",
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+) -> None:
+    """Usage and cost from the ledger over a date range, in the config's timezone."""
+    from metergate.reports import ROW_FIELDS, build_report, to_csv, to_json
+
+    cfg = _load(config)
+    if fmt not in ("table", "csv", "json"):
+        raise _fail("invalid --format", "choose table, csv or json")
+    try:
+        first, last = parse_day(start), parse_day(end)
+        dims = [d.strip() for d in by.split(",") if d.strip()]
+        result = _run(_with_ledger(cfg, lambda ledger: build_report(ledger, first, last, dims, cfg.timezone())))
+    except ValueError as exc:
+        raise _fail("invalid report", exc) from None
+    if fmt == "json":
+        sys.stdout.write(to_json(result).decode() + "\n")
+    elif fmt == "csv":
+        sys.stdout.write(to_csv(result))
+    else:
+        table = _table(f"Usage {first} to {last} ({cfg.server.timezone})", *dims, *ROW_FIELDS)
+        for row in result.rows:
+            _row(table, *(row[d] for d in dims), *(_fmt(row[f]) for f in ROW_FIELDS))
+        totals = result.totals
+        _row(table, "TOTAL", *([""] * (len(dims) - 1)), *(_fmt(totals[f]) for f in ROW_FIELDS))
+        console.print(table)
+
+
+@app.command()
+def chargeback(
+    config: ConfigPath,
+    team: Annotated[str, typer.Option(help="The team to bill.")],
+    month: Annotated[str, typer.Option(help="The month, e.g. 2026-11.")],
+    fmt: Annotated[str, typer.Option("--format", help="markdown or csv.")] = "markdown",
+    output: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """A team's monthly chargeback statement (by app and model) from the ledger, in Markdown or CSV."""
+    from metergate.reports import build_report, chargeback_markdown, month_bounds, to_csv
+
+    cfg = _load(config)
+    try:
+        first, last = month_bounds(month)
+    except ValueError as exc:
+        raise _fail("invalid --month", exc) from None
+    result = _run(
+        _with_ledger(cfg, lambda ledger: build_report(ledger, first, last, ["app", "model"], cfg.timezone(), team))
+    )
+    text = to_csv(result) if fmt == "csv" else chargeback_markdown(team, month, result)
+    if output is not None:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command("forecast")
+def forecast_cmd(config: ConfigPath) -> None:
+    """Spend so far and projected spend at the end of the day, week and month, per team and budget scope."""
+    from metergate.budgets import BudgetGuard
+    from metergate.pricing import PriceBook
+
+    cfg = _load(config)
+
+    async def work(ledger: Ledger) -> list[dict[str, Any]]:
+        guard = BudgetGuard(cfg, PriceBook(cfg.prices), ledger)
+        await guard.sync()
+        return [row for period in ("day", "week", "month") for row in guard.spend_rows(period)]
+
+    rows = _run(_with_ledger(cfg, work))
+    budgets = {(b.team, b.app or "", b.period): b.limit_usd for b in cfg.budgets}
+    table = _table("Spend and forecast", "team", "app", "period", "spent (USD)", "forecast (USD)", "budget (USD)")
+    for r in rows:
+        limit = budgets.get((r["team"], r["app"] or "", r["period"]))
+        _row(
+            table,
+            r["team"],
+            r["app"] or "(all)",
+            r["period"],
+            f"{r['spent_usd']:,.4f}",
+            f"{r['forecast_usd']:,.4f}",
+            f"{limit:,.2f}" if limit is not None else "",
+        )
+    console.print(table)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return f"{value:,.6f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def main() -> None:

@@ -180,8 +180,10 @@ class BudgetConfig(_Model):
 
 class LedgerConfig(_Model):
     url: str = "sqlite:///metergate.db"
-    batch_size: int = Field(default=500, gt=0)
+    batch_size: int = Field(default=1000, gt=0)
     flush_interval_s: float = Field(default=0.2, gt=0)
+    # Where records wait when the database is down; default: next to the SQLite file, or ./metergate-ledger.spool.
+    spool_path: str | None = None
     spool_max_records: int = Field(default=1_000_000, gt=0)
 
     @field_validator("url")

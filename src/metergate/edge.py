@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client import make_asgi_app
 
+from metergate.admin import AdminApi
 from metergate.gateway import Gateway, InboundRequest
 from metergate.metrics import Meter
 
@@ -67,17 +68,28 @@ class AsgiResponder:
 
 
 class ApiApp:
-    """The LLM API listener: every request goes to the gateway."""
+    """The LLM API listener: /admin/ goes to the admin API, everything else to the gateway."""
 
-    def __init__(self, gateway: Gateway, max_body_bytes: int) -> None:
+    def __init__(self, gateway: Gateway, max_body_bytes: int, admin: AdminApi | None = None) -> None:
         self.gateway = gateway
         self.max_body_bytes = max_body_bytes
+        self.admin = admin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         body, too_large = await self._read_body(headers, receive)
+        path: str = scope["path"]
+        if self.admin is not None and path.startswith("/admin/"):
+            status, payload, content_type = await self.admin.handle(
+                scope["method"], path, scope["query_string"].decode("latin-1"), headers, body
+            )
+            await send(
+                {"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type.encode())]}
+            )
+            await send({"type": "http.response.body", "body": payload})
+            return
         request = InboundRequest(
             method=scope["method"],
             path=scope["path"],

@@ -125,6 +125,7 @@ class RequestContext:
     model_label: str = OTHER
     provider_label: str = OTHER
     body: dict[str, Any] | None = None
+    raw_body: bytes | None = None
     ttft: float | None = None
     reservation: object | None = None
 
@@ -144,6 +145,7 @@ class Gateway:
         meter: Meter,
         sinks: list[RecordSink] | None = None,
         admission: Admission | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -154,6 +156,7 @@ class Gateway:
         self.meter = meter
         self.sinks = sinks or []
         self.admission = admission
+        self.clock = clock  # wall time; corrected to the shared ledger's clock when replicas share one
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._ids = counter(1)
         self._id_prefix = os.urandom(4).hex()
@@ -199,7 +202,7 @@ class Gateway:
         ctx = RequestContext(
             request_id=f"{self._id_prefix}-{next(self._ids)}",
             started=time.perf_counter(),
-            started_at=time.time(),
+            started_at=self.clock(),
             match=match,
         )
         self.in_flight += 1
@@ -227,6 +230,7 @@ class Gateway:
                     "body_too_large",
                     f"Request body exceeds the gateway limit of {self.config.server.max_body_bytes} bytes.",
                 )
+            ctx.raw_body = req.body
             ctx.body = _json_object(req.body)
             adapter = API_ADAPTERS[ctx.family]
             ctx.facts = facts = adapter.request_facts(endpoint, ctx.body, ctx.match.path_model)
@@ -528,7 +532,7 @@ class Gateway:
     def _emit(self, record: UsageRecord, ctx: RequestContext) -> None:
         """Count a finished request everywhere it must be counted, exactly once."""
         self.meter.record(record)
-        if self.admission is not None and ctx.route is not None:
+        if self.admission is not None:
             self.admission.settle(ctx.reservation, record)
         for sink in self.sinks:
             try:

@@ -17,8 +17,8 @@ _MAX_CACHED_MODELS = 10_000
 
 class LabelPolicy:
     def __init__(self, config: Config, prices: PriceBook) -> None:
-        self.teams = frozenset(config.known_teams())
-        self.apps = frozenset(config.known_apps())
+        self.teams = set(config.known_teams())
+        self.apps = set(config.known_apps())
         self._prices = prices
         named: set[str] = set()
         for route in config.routes:
@@ -34,6 +34,11 @@ class LabelPolicy:
             named.update(provider.deployments.values())
         self.named_models = frozenset(named)
         self._models: dict[tuple[str, str], str] = {}
+
+    def allow(self, team: str, app: str) -> None:
+        """Teams and apps of keys created at run time are as legitimate as the config's."""
+        self.teams.add(team)
+        self.apps.add(app)
 
     def team(self, value: str) -> str:
         return value if value in self.teams else OTHER

@@ -18,16 +18,29 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
-from metergate.auth import KeyRing
+from metergate.admin import AdminApi
+from metergate.auth import KeyRing, Principal
+from metergate.budgets import BudgetGuard
 from metergate.config import Config, ConfigError, parse_hostport
 from metergate.edge import ApiApp, MetricsApp
-from metergate.gateway import Gateway, RecordSink
+from metergate.gateway import Gateway
 from metergate.labels import LabelPolicy
+from metergate.ledger import Ledger, LedgerError
 from metergate.metrics import Meter
 from metergate.pricing import PriceBook
 from metergate.providers import build_upstream
 
 log = logging.getLogger("metergate")
+
+
+class Service:
+    """Something started before the listeners open and stopped after they close."""
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
 
 
 @dataclass
@@ -37,19 +50,66 @@ class Runtime:
     config: Config
     gateway: Gateway
     meter: Meter
-    # Extra services started before and stopped after the listeners (ledger, budgets).
+    guard: BudgetGuard
+    ledger: Ledger | None = None
+    admin: AdminApi | None = None
+    # Started in order before the listeners, stopped in reverse after them (the ledger flushes last).
     services: list[Service] = field(default_factory=list)
 
 
-class Service:
+class _LedgerService(Service):
+    def __init__(self, ledger: Ledger, timeout_s: float) -> None:
+        self.ledger, self.timeout_s = ledger, timeout_s
+
     async def start(self) -> None:
-        return None
+        await self.ledger.start()
 
     async def stop(self) -> None:
-        return None
+        await self.ledger.stop(self.timeout_s)
 
 
-def build_runtime(config: Config, sinks: list[RecordSink] | None = None) -> Runtime:
+class _GuardService(Service):
+    def __init__(self, guard: BudgetGuard) -> None:
+        self.guard = guard
+
+    async def start(self) -> None:
+        await self.guard.start()
+
+    async def stop(self) -> None:
+        await self.guard.stop()
+
+
+class KeySync(Service):
+    """Keys created with `metergate keys create` or the admin API reach every replica within `interval_s`."""
+
+    def __init__(self, ledger: Ledger, keys: KeyRing, labels: LabelPolicy, interval_s: float = 5.0) -> None:
+        self.ledger, self.keys, self.labels, self.interval_s = ledger, keys, labels, interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> None:
+        try:
+            active = await self.ledger.active_keys()
+        except LedgerError:
+            return  # keep the keys we know until the ledger answers again
+        for key in active:
+            self.labels.allow(key.team, key.app)
+        self.keys.replace_dynamic({k.sha256: Principal(k.team, k.app, k.id) for k in active})
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.refresh()
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="metergate-key-sync")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def build_runtime(config: Config) -> Runtime:
     missing = config.missing_secrets()
     if missing:
         raise ConfigError("\n".join(missing))
@@ -57,8 +117,38 @@ def build_runtime(config: Config, sinks: list[RecordSink] | None = None) -> Runt
     labels = LabelPolicy(config, prices)
     meter = Meter()
     upstreams = {name: build_upstream(name, p) for name, p in config.providers.items()}
-    gateway = Gateway(config, KeyRing(config), prices, labels, upstreams, meter, sinks=sinks)
-    return Runtime(config, gateway, meter)
+    ledger = Ledger(config.ledger) if config.ledger is not None else None
+    guard = BudgetGuard(config, prices, ledger)
+    keys = KeyRing(config)
+    gateway = Gateway(
+        config,
+        keys,
+        prices,
+        labels,
+        upstreams,
+        meter,
+        sinks=[ledger.sink] if ledger is not None else [],
+        admission=guard,
+        clock=guard.clock.time,
+    )
+    meter.add_collector(guard.collect)
+    services: list[Service] = []
+    if ledger is not None:
+        meter.add_collector(ledger.collect)
+        services.append(_LedgerService(ledger, config.server.shutdown_timeout_s or 30.0))
+    services.append(_GuardService(guard))
+
+    def key_changed(sha256: str, principal: Principal | None) -> None:
+        if principal is None:
+            keys.remove(sha256)
+        else:
+            labels.allow(principal.team, principal.app)
+            keys.add(sha256, principal)
+
+    if ledger is not None:
+        services.append(KeySync(ledger, keys, labels))
+    admin = AdminApi(guard, ledger, key_changed)
+    return Runtime(config, gateway, meter, guard, ledger, admin, services)
 
 
 class SignalFreeServer(uvicorn.Server):

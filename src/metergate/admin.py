@@ -1,0 +1,352 @@
+"""The admin HTTP API under /admin/: keys, budgets, spend and reports.
+
+Guarded by a bearer token from the environment (`METERGATE_ADMIN_TOKEN`); without it the admin API is off.
+Request and response bodies are pydantic models, from which `/admin/openapi.json` is generated.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from datetime import date
+from decimal import Decimal
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+import orjson
+from pydantic import BaseModel, Field, ValidationError
+
+from metergate import __version__
+from metergate.auth import Principal
+from metergate.budgets import BudgetGuard
+from metergate.config import LabelValue, hash_key
+from metergate.ledger import ApiKey, Ledger, LedgerError
+from metergate.periods import PERIODS, parse_day
+from metergate.reports import build_report, chargeback_markdown, month_bounds, to_csv
+
+ADMIN_TOKEN_ENV = "METERGATE_ADMIN_TOKEN"
+
+
+class KeyCreate(BaseModel):
+    team: LabelValue
+    app: LabelValue
+    name: str = Field(default="", max_length=200)
+
+
+class KeyInfo(BaseModel):
+    id: str
+    team: str
+    app: str
+    name: str
+    sha256_prefix: str
+    created_at: float
+    revoked_at: float | None
+
+
+class KeyCreated(KeyInfo):
+    key: str = Field(description="The key itself. Shown once: only its sha256 is stored.")
+
+
+class BudgetStatus(BaseModel):
+    id: str
+    team: str
+    app: str | None
+    period: Literal["day", "week", "month"]
+    limit_usd: float
+    action: Literal["block", "alert"]
+    warn_at: float
+    spent_usd: float
+    reserved_usd: float
+    forecast_usd: float | None
+    period_start: str
+    resets_at: str
+
+
+class SpendRow(BaseModel):
+    team: str
+    app: str | None
+    period: Literal["day", "week", "month"]
+    spent_usd: float
+    forecast_usd: float
+
+
+class ReportRow(BaseModel):
+    team: str | None = None
+    app: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    endpoint: str | None = None
+    requests: int
+    errors: int
+    tokens_in: int
+    tokens_out: int
+    tokens_cached: int
+    cost_usd: float
+
+
+class ErrorBody(BaseModel):
+    error: dict[str, str]
+
+
+Handler = Callable[[dict[str, str], bytes, list[str]], Awaitable[tuple[int, Any, str]]]
+
+
+class AdminApi:
+    def __init__(
+        self, guard: BudgetGuard, ledger: Ledger | None, on_key: Callable[[str, Principal | None], None]
+    ) -> None:
+        self.guard = guard
+        self.ledger = ledger
+        self.on_key = on_key
+        self.token = os.environ.get(ADMIN_TOKEN_ENV) or None
+        self.routes: list[tuple[str, str, Handler]] = [
+            ("GET", "/admin/openapi.json", self._openapi),
+            ("GET", "/admin/keys", self._list_keys),
+            ("POST", "/admin/keys", self._create_key),
+            ("DELETE", "/admin/keys/{id}", self._revoke_key),
+            ("GET", "/admin/budgets", self._budgets),
+            ("GET", "/admin/spend", self._spend),
+            ("GET", "/admin/reports", self._report),
+            ("GET", "/admin/reports/chargeback", self._chargeback),
+        ]
+
+    async def handle(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes, str]:
+        if self.token is None:
+            return _error(404, f"the admin API is off: set {ADMIN_TOKEN_ENV} to enable it")
+        presented = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if path != "/admin/openapi.json" and not hmac.compare_digest(presented.encode(), self.token.encode()):
+            return _error(401, "missing or wrong admin token")
+        params = dict(parse_qsl(query))
+        for route_method, pattern, handler in self.routes:
+            args = _match(pattern, path)
+            if args is None:
+                continue
+            if route_method != method:
+                continue
+            try:
+                status, payload, content_type = await handler(params, body, args)
+            except (ValueError, ValidationError) as exc:
+                return _error(400, str(exc).splitlines()[0] if isinstance(exc, ValidationError) else str(exc))
+            except LedgerError as exc:
+                return _error(503, str(exc))
+            if content_type == "application/json":
+                return status, orjson.dumps(payload, default=_default), content_type
+            return status, payload.encode() if isinstance(payload, str) else payload, content_type
+        if any(_match(p, path) is not None for _, p, _ in self.routes):
+            return _error(405, f"{method} is not allowed on {path}")
+        return _error(404, f"no admin route {path}")
+
+    def _need_ledger(self) -> Ledger:
+        if self.ledger is None:
+            raise LedgerError("this gateway has no ledger configured (config: ledger.url)")
+        return self.ledger
+
+    # --- handlers --------------------------------------------------------------------------------------------
+
+    async def _openapi(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        return 200, openapi_schema(), "application/json"
+
+    async def _list_keys(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        ledger = self._need_ledger()
+        store = await ledger.store()
+        keys = await ledger.call(store.keys, True)
+        return 200, [_key_info(k).model_dump() for k in keys], "application/json"
+
+    async def _create_key(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        request = KeyCreate.model_validate_json(body or b"{}")
+        ledger = self._need_ledger()
+        key, record = new_key(request.team, request.app, request.name)
+        store = await ledger.store()
+        await ledger.call(store.add_key, record)
+        self.on_key(record.sha256, Principal(record.team, record.app, record.id))
+        return 201, KeyCreated(key=key, **_key_info(record).model_dump()).model_dump(), "application/json"
+
+    async def _revoke_key(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        ledger = self._need_ledger()
+        store = await ledger.store()
+        keys = {k.id: k for k in await ledger.call(store.keys, True)}
+        if args[0] not in keys or not await ledger.call(store.revoke_key, args[0]):
+            return 404, {"error": {"message": f"no active key {args[0]}"}}, "application/json"
+        self.on_key(keys[args[0]].sha256, None)
+        return 200, {"id": args[0], "revoked": True}, "application/json"
+
+    async def _budgets(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        return 200, self.guard.status(), "application/json"
+
+    async def _spend(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        period = params.get("period", "month")
+        if period not in PERIODS:
+            raise ValueError("period must be day, week or month")
+        rows = [SpendRow.model_validate(row).model_dump() for row in self.guard.spend_rows(period)]
+        return 200, rows, "application/json"
+
+    async def _report(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        ledger = self._need_ledger()
+        start, end = _dates(params)
+        by = [d for d in params.get("by", "team,app,model").split(",") if d]
+        report = await build_report(ledger, start, end, by, self.guard.tz)
+        if params.get("format", "json") == "csv":
+            return 200, to_csv(report), "text/csv; charset=utf-8"
+        return 200, [ReportRow(**row).model_dump(exclude_none=True) for row in report.rows], "application/json"
+
+    async def _chargeback(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        ledger = self._need_ledger()
+        team = params.get("team")
+        if not team:
+            raise ValueError("team is required")
+        month = params.get("month") or date.today().strftime("%Y-%m")
+        start, end = month_bounds(month)
+        report = await build_report(ledger, start, end, ["app", "model"], self.guard.tz, team=team)
+        if params.get("format", "markdown") == "csv":
+            return 200, to_csv(report), "text/csv; charset=utf-8"
+        return 200, chargeback_markdown(team, month, report), "text/markdown; charset=utf-8"
+
+
+def new_key(team: str, app: str, name: str = "") -> tuple[str, ApiKey]:
+    key = "mg-" + secrets.token_urlsafe(32)
+    record = ApiKey(
+        id="key_" + secrets.token_hex(6),
+        sha256=hash_key(key),
+        team=team,
+        app=app,
+        name=name,
+        created_at=time.time(),
+        revoked_at=None,
+    )
+    return key, record
+
+
+def _key_info(k: ApiKey) -> KeyInfo:
+    return KeyInfo(
+        id=k.id,
+        team=k.team,
+        app=k.app,
+        name=k.name,
+        sha256_prefix=k.sha256[:12],
+        created_at=k.created_at,
+        revoked_at=k.revoked_at,
+    )
+
+
+def _dates(params: dict[str, str]) -> tuple[date, date]:
+    today = date.today()
+    start = parse_day(params["from"]) if "from" in params else today.replace(day=1)
+    end = parse_day(params["to"]) if "to" in params else today
+    return start, end
+
+
+def _match(pattern: str, path: str) -> list[str] | None:
+    want, got = pattern.split("/"), path.split("/")
+    if len(want) != len(got):
+        return None
+    args = []
+    for w, g in zip(want, got, strict=True):
+        if w.startswith("{"):
+            if not g:
+                return None
+            args.append(g)
+        elif w != g:
+            return None
+    return args
+
+
+def _error(status: int, message: str) -> tuple[int, bytes, str]:
+    return status, orjson.dumps({"error": {"message": message}}), "application/json"
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(type(value).__name__)
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The admin API's OpenAPI 3.1 document, built from the pydantic models above."""
+    models = {m.__name__: m for m in (KeyCreate, KeyInfo, KeyCreated, BudgetStatus, SpendRow, ReportRow, ErrorBody)}
+    schemas: dict[str, Any] = {}
+    for name, model in models.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[name] = schema
+
+    def ref(name: str) -> dict[str, str]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def array(name: str) -> dict[str, Any]:
+        return {"type": "array", "items": ref(name)}
+
+    def ok(schema: dict[str, Any], status: str = "200", media: str = "application/json") -> dict[str, Any]:
+        errors = {
+            str(code): {"description": text, "content": {"application/json": {"schema": ref("ErrorBody")}}}
+            for code, text in ((400, "bad request"), (401, "wrong admin token"), (503, "ledger unavailable"))
+        }
+        return {status: {"description": "OK", "content": {media: {"schema": schema}}}, **errors}
+
+    date_param = [
+        {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}},
+        {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}, "description": "inclusive"},
+    ]
+    paths = {
+        "/admin/keys": {
+            "get": {"summary": "List keys (hash prefixes only)", "responses": ok(array("KeyInfo"))},
+            "post": {
+                "summary": "Create a key; the key is returned once",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref("KeyCreate")}}},
+                "responses": ok(ref("KeyCreated"), "201"),
+            },
+        },
+        "/admin/keys/{id}": {
+            "delete": {
+                "summary": "Revoke a key",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {**ok({"type": "object"}), "404": {"description": "no such active key"}},
+            }
+        },
+        "/admin/budgets": {
+            "get": {"summary": "Budgets with spend, reservations, forecast", "responses": ok(array("BudgetStatus"))}
+        },
+        "/admin/spend": {
+            "get": {
+                "summary": "Spend and forecast per team and budget scope in the current period",
+                "parameters": [{"name": "period", "in": "query", "schema": {"enum": ["day", "week", "month"]}}],
+                "responses": ok(array("SpendRow")),
+            }
+        },
+        "/admin/reports": {
+            "get": {
+                "summary": "Totals from the ledger",
+                "parameters": [
+                    *date_param,
+                    {"name": "by", "in": "query", "schema": {"type": "string"}, "example": "team,app,model"},
+                    {"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}},
+                ],
+                "responses": ok(array("ReportRow")),
+            }
+        },
+        "/admin/reports/chargeback": {
+            "get": {
+                "summary": "A team's monthly chargeback statement",
+                "parameters": [
+                    {"name": "team", "in": "query", "required": True, "schema": {"type": "string"}},
+                    {"name": "month", "in": "query", "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"}},
+                    {"name": "format", "in": "query", "schema": {"enum": ["markdown", "csv"]}},
+                ],
+                "responses": ok({"type": "string"}, media="text/markdown"),
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "metergate admin API", "version": __version__},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"adminToken": []}],
+        "paths": paths,
+    }

@@ -1,0 +1,610 @@
+"""Budgets: spend per calendar period, reservations that hold under concurrency, and the spend gauges.
+
+Before a request is forwarded, its worst-case cost (estimated input plus the output cap, at the model's prices) is
+reserved against every blocking budget that applies to it. A request is admitted while spent + reserved is still
+under the limit, so a burst of concurrent requests overshoots by at most one request's cost. After the response the
+reservation is settled with the real cost.
+
+- One gateway: spend and reservations live in memory, seeded from the ledger at start, so spend survives restarts.
+- Replicas sharing PostgreSQL: spend and reservations live in the `budget_spend` row of the budget's period,
+  updated by single atomic statements; a reservation's hold row expires if its replica dies before settling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from metergate.config import BudgetConfig, Config
+from metergate.errors import GatewayError
+from metergate.forecast import forecast
+from metergate.ledger import Ledger, from_pusd, to_pusd
+from metergate.ledger.store import LedgerError, PostgresStore
+from metergate.periods import PERIODS, Period, Window, window
+from metergate.pricing import PriceBook
+from metergate.usage import Usage, UsageRecord
+
+if TYPE_CHECKING:
+    from metergate.gateway import RequestContext
+
+log = logging.getLogger("metergate.budgets")
+
+ScopeKey = tuple[str, str]  # (team, app); app "" = the whole team
+
+
+def scope_of(budget: BudgetConfig) -> ScopeKey:
+    return (budget.team, budget.app or "")
+
+
+def budget_id(budget: BudgetConfig) -> str:
+    team, app = scope_of(budget)
+    return f"{team}/{app or '*'}/{budget.period}"
+
+
+@dataclass(slots=True)
+class Hold:
+    budget: BudgetConfig
+    window_start: float
+    amount_pusd: int
+    hold_id: str = ""
+
+
+@dataclass(slots=True)
+class Reservation:
+    holds: list[Hold] = field(default_factory=list)
+
+
+class SpendTracker:
+    """Spend per (team, app) and calendar period: ledger totals plus this process's records since.
+
+    `resync` writes pending records, reads the ledger's totals for the current periods (all replicas' records),
+    and keeps counting this process's records observed since the flush on top, so nothing is counted twice.
+    """
+
+    def __init__(self, tz: ZoneInfo, clock: Clock) -> None:
+        self.tz = tz
+        self.clock = clock
+        self._base: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
+        self._local: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
+        self._mark: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
+        self._current: dict[Period, Window] = {}
+
+    def windows(self, at: datetime | None = None) -> dict[Period, Window]:
+        at = at or self.clock.now()
+        return {p: window(p, at, self.tz) for p in PERIODS}
+
+    def _windows_at(self, ts: float) -> dict[Period, Window]:
+        # Nearly every record falls in the periods of the previous one: reuse them instead of recomputing.
+        current = self._current
+        if not current or not all(w.start_ts <= ts < w.end_ts for w in current.values()):
+            current = self._current = self.windows(datetime.fromtimestamp(ts, UTC))
+        return current
+
+    def observe(self, record: UsageRecord) -> None:
+        if not record.cost_usd:
+            return
+        cost = to_pusd(record.cost_usd)
+        for period, w in self._windows_at(record.started_at).items():
+            bucket = self._local.setdefault((period, w.start_ts), {})
+            key = (record.team, record.app)
+            bucket[key] = bucket.get(key, 0) + cost
+
+    def spent_pusd(self, team: str, app: str, period: Period, w: Window | None = None) -> int:
+        w = w or window(period, self.clock.now(), self.tz)
+        key = (period, w.start_ts)
+        base, local, mark = self._base.get(key, {}), self._local.get(key, {}), self._mark.get(key, {})
+
+        def total(d: dict[ScopeKey, int]) -> int:
+            if app:
+                return d.get((team, app), 0)
+            return sum(v for (t, _), v in d.items() if t == team)
+
+        return total(base) + total(local) - total(mark)
+
+    async def resync(self, ledger: Ledger) -> None:
+        await ledger.flush_now()
+        marks = {k: dict(v) for k, v in self._local.items()}
+        store = await ledger.store()
+        base: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
+        for period, w in self.windows().items():
+            base[(period, w.start_ts)] = await ledger.call(store.spend, w.start_ts, w.end_ts)
+        self._base = base
+        self._mark = marks
+        # Drop buckets of periods that have ended.
+        current = set(base)
+        self._local = {k: v for k, v in self._local.items() if k in current}
+        self._mark = {k: v for k, v in self._mark.items() if k in current}
+
+    def teams(self) -> set[str]:
+        found: set[str] = set()
+        for d in (*self._base.values(), *self._local.values()):
+            found.update(t for t, _ in d)
+        return found
+
+
+class Clock:
+    """Wall time corrected by the measured skew to the shared database's clock, so that every replica puts a
+    request near midnight in the same period."""
+
+    def __init__(self) -> None:
+        self.skew_s = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.skew_s
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.time(), UTC)
+
+
+class LocalReservations:
+    """Reservations of one gateway process, in memory."""
+
+    def __init__(self, tracker: SpendTracker) -> None:
+        self.tracker = tracker
+        self._reserved: dict[tuple[str, float], int] = {}
+
+    async def reserve(self, hold: Hold, limit_pusd: int) -> tuple[bool, int, int]:
+        team, app = scope_of(hold.budget)
+        w = window(hold.budget.period, datetime.fromtimestamp(hold.window_start, UTC), self.tracker.tz)
+        key = (budget_id(hold.budget), hold.window_start)
+        spent = self.tracker.spent_pusd(team, app, hold.budget.period, w)
+        reserved = self._reserved.get(key, 0)
+        if spent + reserved >= limit_pusd:
+            return False, spent, reserved
+        self._reserved[key] = reserved + hold.amount_pusd
+        return True, spent, reserved
+
+    async def settle(self, hold: Hold, actual_pusd: int) -> None:
+        self.release(hold)
+
+    def release(self, hold: Hold) -> None:
+        """Synchronous: the record's cost enters the spend in the same instant its reservation leaves."""
+        key = (budget_id(hold.budget), hold.window_start)
+        self._reserved[key] = self._reserved.get(key, 0) - hold.amount_pusd
+
+    def reserved_pusd(self, budget: BudgetConfig, window_start: float) -> int:
+        return self._reserved.get((budget_id(budget), window_start), 0)
+
+    async def expire(self) -> None:
+        return None
+
+
+class SharedReservations:
+    """Reservations shared by replicas through PostgreSQL: one atomic statement to reserve, one to settle."""
+
+    HOLD_TTL_MARGIN_S = 300.0
+
+    def __init__(self, url: str, tracker: SpendTracker, replica: str, hold_ttl_s: float) -> None:
+        self.url = url
+        self.tracker = tracker
+        self.replica = replica
+        self.hold_ttl_s = hold_ttl_s + self.HOLD_TTL_MARGIN_S
+        self._pool: asyncio.Queue[Any] = asyncio.Queue()
+        self._size = 0
+        self._max = 8
+        self._ensured: set[tuple[str, float]] = set()
+        self._seen: dict[tuple[str, float], tuple[int, int]] = {}
+
+    async def _conn(self) -> Any:
+        import psycopg
+
+        if self._pool.empty() and self._size < self._max:
+            self._size += 1
+            try:
+                return await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=5)
+            except psycopg.Error as exc:
+                self._size -= 1
+                raise LedgerError(f"budget database: {exc}") from exc
+        return await self._pool.get()
+
+    def _release(self, conn: Any) -> None:
+        if conn.closed or conn.broken:
+            self._size -= 1
+        else:
+            self._pool.put_nowait(conn)
+
+    async def _run(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        conn = await self._conn()
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(sql, params)
+                return list(await cur.fetchall()) if cur.description else []
+        except psycopg.Error as exc:
+            raise LedgerError(f"budget database: {exc}") from exc
+        finally:
+            self._release(conn)
+
+    async def _ensure_row(self, hold: Hold) -> None:
+        """The period's counter row, created from the ledger's totals the first time any replica needs it."""
+        scope = budget_id(hold.budget)
+        if (scope, hold.window_start) in self._ensured:
+            return
+        team, app = scope_of(hold.budget)
+        w = window(hold.budget.period, datetime.fromtimestamp(hold.window_start, UTC), self.tracker.tz)
+        await self._run(
+            "INSERT INTO budget_spend (scope, period_start, spent_pusd, reserved_pusd) "
+            "SELECT %(scope)s, %(start)s, COALESCE(SUM(cost_pusd), 0), 0 FROM usage_records "
+            "WHERE team = %(team)s AND (%(app)s = '' OR app = %(app)s) AND started_at >= %(start)s "
+            "AND started_at < %(end)s ON CONFLICT (scope, period_start) DO NOTHING",
+            {"scope": scope, "start": hold.window_start, "end": w.end_ts, "team": team, "app": app},
+        )
+        self._ensured.add((scope, hold.window_start))
+
+    async def reserve(self, hold: Hold, limit_pusd: int) -> tuple[bool, int, int]:
+        await self._ensure_row(hold)
+        hold.hold_id = uuid.uuid4().hex
+        scope = budget_id(hold.budget)
+        rows = await self._run(
+            "WITH u AS (UPDATE budget_spend SET reserved_pusd = reserved_pusd + %(amount)s "
+            "WHERE scope = %(scope)s AND period_start = %(start)s AND spent_pusd + reserved_pusd < %(limit)s "
+            "RETURNING spent_pusd, reserved_pusd) "
+            "INSERT INTO budget_holds (id, scope, period_start, amount_pusd, replica, expires_at) "
+            "SELECT %(id)s, %(scope)s, %(start)s, %(amount)s, %(replica)s, %(expires)s FROM u "
+            "RETURNING (SELECT spent_pusd FROM u), (SELECT reserved_pusd FROM u)",
+            {
+                "amount": hold.amount_pusd,
+                "scope": scope,
+                "start": hold.window_start,
+                "limit": limit_pusd,
+                "id": hold.hold_id,
+                "replica": self.replica,
+                "expires": self.tracker.clock.time() + self.hold_ttl_s,
+            },
+        )
+        if rows:
+            spent, reserved = int(rows[0][0]), int(rows[0][1]) - hold.amount_pusd
+            self._seen[(scope, hold.window_start)] = (spent, reserved + hold.amount_pusd)
+            return True, spent, reserved
+        now = await self._run(
+            "SELECT spent_pusd, reserved_pusd FROM budget_spend WHERE scope = %(scope)s AND period_start = %(start)s",
+            {"scope": scope, "start": hold.window_start},
+        )
+        spent, reserved = (int(now[0][0]), int(now[0][1])) if now else (0, 0)
+        self._seen[(scope, hold.window_start)] = (spent, reserved)
+        return False, spent, reserved
+
+    async def settle(self, hold: Hold, actual_pusd: int) -> None:
+        await self._run(
+            "WITH h AS (DELETE FROM budget_holds WHERE id = %(id)s RETURNING scope, period_start, amount_pusd) "
+            "UPDATE budget_spend b SET reserved_pusd = b.reserved_pusd - h.amount_pusd, "
+            "spent_pusd = b.spent_pusd + %(actual)s FROM h WHERE b.scope = h.scope AND b.period_start = h.period_start",
+            {"id": hold.hold_id, "actual": actual_pusd},
+        )
+
+    async def expire(self) -> None:
+        """Release holds whose replica died before settling them."""
+        await self._run(
+            "WITH h AS (DELETE FROM budget_holds WHERE expires_at < %(now)s "
+            "RETURNING scope, period_start, amount_pusd), "
+            "s AS (SELECT scope, period_start, SUM(amount_pusd) AS amount FROM h GROUP BY scope, period_start) "
+            "UPDATE budget_spend b SET reserved_pusd = b.reserved_pusd - s.amount FROM s "
+            "WHERE b.scope = s.scope AND b.period_start = s.period_start",
+            {"now": self.tracker.clock.time()},
+        )
+
+    def reserved_pusd(self, budget: BudgetConfig, window_start: float) -> int:
+        return self._seen.get((budget_id(budget), window_start), (0, 0))[1]
+
+    async def close(self) -> None:
+        while not self._pool.empty():
+            conn = self._pool.get_nowait()
+            await conn.close()
+
+
+class BudgetGuard:
+    """Admission control for budgets, and the budget/spend/forecast gauges."""
+
+    def __init__(self, config: Config, prices: PriceBook, ledger: Ledger | None) -> None:
+        self.config = config
+        self.prices = prices
+        self.ledger = ledger
+        self.tz = config.timezone()
+        self.clock = Clock()
+        self.tracker = SpendTracker(self.tz, self.clock)
+        self.budgets = list(config.budgets)
+        self._by_team: dict[str, list[BudgetConfig]] = {}
+        for b in self.budgets:
+            self._by_team.setdefault(b.team, []).append(b)
+        shared = ledger is not None and ledger.config.url.startswith(("postgresql://", "postgres://"))
+        ttl = config.server.upstream_timeout_s + config.server.drain_timeout_s
+        self.reservations: LocalReservations | SharedReservations = (
+            SharedReservations(ledger.config.url, self.tracker, ledger.replica, ttl)
+            if shared and ledger is not None
+            else LocalReservations(self.tracker)
+        )
+        self._forecasts: dict[tuple[str, str, Period], float] = {}
+        self._warned: set[tuple[str, float, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._sync()
+        self._loop_task = asyncio.create_task(self._maintain(), name="metergate-budgets")
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+        if isinstance(self.reservations, SharedReservations):
+            await self.reservations.close()
+
+    async def _maintain(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(15)
+            ticks += 1
+            try:
+                await self._sync(forecasts=ticks % 4 == 0)
+                await self.reservations.expire()
+            except (LedgerError, OSError) as exc:
+                log.warning("budget state not refreshed: %s", exc)
+
+    async def sync(self) -> None:
+        """Refresh spend and forecasts from the ledger now."""
+        await self._sync(forecasts=True)
+
+    async def _sync(self, forecasts: bool = True) -> None:
+        if self.ledger is None or (not self.ledger.up and not await self._ledger_ready()):
+            return
+        try:
+            store = await self.ledger.store()
+            if isinstance(store, PostgresStore):
+                self.clock.skew_s = await self.ledger.call(_skew, store)
+                if abs(self.clock.skew_s) > 1.0:
+                    log.warning(
+                        "this machine's clock is %.1f s off the ledger database's; budgets and records use the "
+                        "database's time",
+                        self.clock.skew_s,
+                    )
+            await self.tracker.resync(self.ledger)
+            if forecasts:
+                await self._refresh_forecasts()
+        except LedgerError as exc:
+            log.warning("budget state not refreshed from the ledger: %s", exc)
+
+    async def _ledger_ready(self) -> bool:
+        assert self.ledger is not None
+        try:
+            await self.ledger.store()
+        except LedgerError:
+            return False
+        return True
+
+    # --- admission -------------------------------------------------------------------------------------------
+
+    async def reserve(self, ctx: RequestContext) -> Reservation | None:
+        principal = ctx.principal
+        if principal is None or ctx.route is None or ctx.facts is None:
+            return None
+        budgets = [
+            b
+            for b in self._by_team.get(principal.team, ())
+            if b.action == "block" and (b.app is None or b.app == principal.app)
+        ]
+        if not budgets:
+            return None
+        estimate = self.worst_case_pusd(ctx)
+        now = self.clock.now()
+        reservation = Reservation()
+        for budget in budgets:
+            w = window(budget.period, now, self.tz)
+            hold = Hold(budget, w.start_ts, estimate)
+            limit = to_pusd(Decimal(str(budget.limit_usd)))
+            try:
+                ok, spent, reserved = await self.reservations.reserve(hold, limit)
+            except LedgerError as exc:
+                # The shared counters are unreachable: keep traffic flowing rather than fail every request.
+                log.warning("budget %s not enforced for this request: %s", budget_id(budget), exc)
+                continue
+            if not ok:
+                for held in reservation.holds:
+                    self._release(held, 0)
+                raise self._refusal(budget, w, spent, reserved)
+            reservation.holds.append(hold)
+        return reservation
+
+    def worst_case_pusd(self, ctx: RequestContext) -> int:
+        """Estimated input (a token is at least 3 bytes of the request body, in practice) plus the output cap."""
+        assert ctx.route is not None and ctx.facts is not None
+        body_bytes = len(ctx.raw_body) if ctx.raw_body is not None else 0
+        output = ctx.facts.max_output_tokens or self.config.budget_defaults.default_max_output_tokens
+        usage = Usage(input_tokens=body_bytes // 3 + 16, output_tokens=output)
+        upstream = ctx.route.upstream
+        cost = self.prices.price(
+            upstream.name,
+            upstream.config.pricing_provider_id,
+            upstream.pricing_model(ctx.route.upstream_model),
+            usage,
+            self.clock.now(),
+        )
+        return to_pusd(cost) if cost is not None else 0
+
+    def _refusal(self, budget: BudgetConfig, w: Window, spent: int, reserved: int) -> GatewayError:
+        resets = w.end.isoformat()
+        wait = max(1, math.ceil(w.end_ts - self.clock.time()))
+        message = (
+            f"Budget exceeded: the {budget.period} budget of {budget.scope} is ${budget.limit_usd:,.2f}; "
+            f"${from_pusd(spent):,.4f} is spent and ${from_pusd(reserved):,.4f} reserved by requests in flight. "
+            f"It resets at {resets}."
+        )
+        return GatewayError(
+            429,
+            "budget_exceeded",
+            message,
+            code="budget_exceeded",
+            # The SDKs would otherwise retry a 429; this one will not clear before the reset.
+            headers={"retry-after": str(wait), "x-should-retry": "false", "x-metergate-budget": budget_id(budget)},
+        )
+
+    def settle(self, reservation: object | None, record: UsageRecord) -> None:
+        self.tracker.observe(record)
+        self._check_thresholds(record)
+        if not isinstance(reservation, Reservation):
+            return
+        actual = to_pusd(record.cost_usd)
+        for hold in reservation.holds:
+            self._release(hold, actual)
+
+    def _release(self, hold: Hold, actual_pusd: int) -> None:
+        if isinstance(self.reservations, LocalReservations):
+            self.reservations.release(hold)
+        else:
+            self._spawn(self.reservations.settle(hold, actual_pusd))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("budget settlement failed: %s", task.exception())
+
+    def _check_thresholds(self, record: UsageRecord) -> None:
+        if not record.cost_usd:
+            return
+        for budget in self._by_team.get(record.team, ()):
+            if budget.app is not None and budget.app != record.app:
+                continue
+            w = window(budget.period, self.clock.now(), self.tz)
+            spent = float(from_pusd(self.tracker.spent_pusd(budget.team, budget.app or "", budget.period, w)))
+            for level, threshold in (("warn", budget.warn_at * budget.limit_usd), ("limit", budget.limit_usd)):
+                key = (budget_id(budget), w.start_ts, level)
+                if spent >= threshold and key not in self._warned:
+                    self._warned.add(key)
+                    log.warning(
+                        "budget %s: %s of $%.2f reached ($%.2f spent this %s, action %s)",
+                        budget_id(budget),
+                        "limit" if level == "limit" else f"{budget.warn_at:.0%}",
+                        budget.limit_usd,
+                        spent,
+                        budget.period,
+                        budget.action,
+                    )
+
+    # --- gauges ----------------------------------------------------------------------------------------------
+
+    def scopes(self) -> list[ScopeKey]:
+        teams = set(self.config.known_teams()) | self.tracker.teams()
+        scopes = {(t, "") for t in teams}
+        scopes.update(scope_of(b) for b in self.budgets)
+        return sorted(scopes)
+
+    async def _refresh_forecasts(self) -> None:
+        if self.ledger is None:
+            return
+        from metergate.reports import daily_history
+
+        now = self.clock.now()
+        windows = self.tracker.windows(now)
+        history = await daily_history(self.ledger, now, self.tz)
+        forecasts: dict[tuple[str, str, Period], float] = {}
+        for team, app in self.scopes():
+            days = history.get((team, app), {}) if app else _team_days(history, team)
+            today = float(from_pusd(self.tracker.spent_pusd(team, app, "day", windows["day"])))
+            for period, w in windows.items():
+                spent = float(from_pusd(self.tracker.spent_pusd(team, app, period, w)))
+                forecasts[(team, app, period)] = forecast(w, now, spent, today, days)
+        self._forecasts = forecasts
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ("team", "app", "period")
+        budget = GaugeMetricFamily(
+            "llm_budget_usd", "Configured budget limit per team (app empty) or app.", labels=labels
+        )
+        ratio = GaugeMetricFamily("llm_budget_warn_ratio", "Share of the budget at which to warn.", labels=labels)
+        for b in self.budgets:
+            team, app = scope_of(b)
+            budget.add_metric([team, app, b.period], b.limit_usd)
+            ratio.add_metric([team, app, b.period], b.warn_at)
+        yield budget
+        yield ratio
+        windows = self.tracker.windows()
+        spend = GaugeMetricFamily("llm_spend_usd", "Spend in the current calendar period.", labels=labels)
+        projected = GaugeMetricFamily(
+            "llm_spend_forecast_usd", "Projected spend at the end of the current period.", labels=labels
+        )
+        for team, app in self.scopes():
+            for period, w in windows.items():
+                spent = float(from_pusd(self.tracker.spent_pusd(team, app, period, w)))
+                spend.add_metric([team, app, period], spent)
+                projected.add_metric([team, app, period], max(spent, self._forecasts.get((team, app, period), spent)))
+        yield spend
+        yield projected
+        skew = GaugeMetricFamily("metergate_clock_skew_seconds", "This machine's clock minus the ledger database's.")
+        skew.add_metric([], -self.clock.skew_s)
+        yield skew
+
+    def spend_rows(self, period: Period) -> list[dict[str, Any]]:
+        """Spend and forecast of every team and budget scope in the current `period`."""
+        w = window(period, self.clock.now(), self.tz)
+        rows = []
+        for team, app in self.scopes():
+            spent = float(from_pusd(self.tracker.spent_pusd(team, app, period, w)))
+            projected = max(spent, self._forecasts.get((team, app, period), spent))
+            rows.append(
+                {"team": team, "app": app or None, "period": period, "spent_usd": spent, "forecast_usd": projected}
+            )
+        return rows
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every budget with its spend, reservations and reset time (for the admin API)."""
+        now = self.clock.now()
+        out = []
+        for b in self.budgets:
+            team, app = scope_of(b)
+            w = window(b.period, now, self.tz)
+            spent = from_pusd(self.tracker.spent_pusd(team, app, b.period, w))
+            out.append(
+                {
+                    "id": budget_id(b),
+                    "team": team,
+                    "app": app or None,
+                    "period": b.period,
+                    "limit_usd": b.limit_usd,
+                    "action": b.action,
+                    "warn_at": b.warn_at,
+                    "spent_usd": float(spent),
+                    "reserved_usd": float(from_pusd(self.reservations.reserved_pusd(b, w.start_ts))),
+                    "forecast_usd": self._forecasts.get((team, app, b.period)),
+                    "period_start": w.start.isoformat(),
+                    "resets_at": w.end.isoformat(),
+                }
+            )
+        return out
+
+
+def _team_days(history: dict[ScopeKey, dict[Any, float]], team: str) -> dict[Any, float]:
+    days: dict[Any, float] = {}
+    for (t, _), per_day in history.items():
+        if t == team:
+            for d, v in per_day.items():
+                days[d] = days.get(d, 0.0) + v
+    return days
+
+
+def _skew(store: PostgresStore) -> float:
+    before = time.time()
+    db_now = store.now()
+    after = time.time()
+    return db_now - (before + after) / 2

@@ -1,0 +1,85 @@
+"""A bounded local spool: records wait on disk while the ledger database is unreachable.
+
+An append-only file of JSON lines, fsynced per batch, so records survive a gateway restart while the database is
+down; they are replayed (idempotently) as soon as it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("metergate.ledger")
+
+
+class Spool:
+    def __init__(self, path: Path, max_records: int) -> None:
+        self.path = path
+        self.max_records = max_records
+        self.dropped = 0
+        self._count = self._count_lines()
+
+    def _count_lines(self) -> int:
+        try:
+            with self.path.open("rb") as f:
+                return sum(1 for _ in f)
+        except FileNotFoundError:
+            return 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        room = self.max_records - self._count
+        if room < len(rows):
+            lost = len(rows) - max(room, 0)
+            self.dropped += lost
+            log.error(
+                "ledger spool %s is full (%d records): %d records dropped; raise ledger.spool_max_records or "
+                "bring the ledger database back",
+                self.path,
+                self.max_records,
+                lost,
+            )
+            rows = rows[: max(room, 0)]
+        if not rows:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = b"".join(orjson.dumps(list(row)) + b"\n" for row in rows)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._count += len(rows)
+
+    def batches(self, size: int) -> Iterator[list[tuple[Any, ...]]]:
+        """The spooled records in order, `size` at a time, without loading the whole spool."""
+        try:
+            f = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with f:
+            batch: list[tuple[Any, ...]] = []
+            for line in f:
+                try:
+                    batch.append(tuple(orjson.loads(line)))
+                except orjson.JSONDecodeError:
+                    # A line torn by a crash while the batch was being spooled: that batch was in the loss window.
+                    log.warning("ledger spool %s: skipping a torn line", self.path)
+                    continue
+                if len(batch) >= size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._count = 0

@@ -1,0 +1,355 @@
+"""Ledger storage: SQLite for one gateway, PostgreSQL for replicas sharing one ledger.
+
+Stores are synchronous and are only used from the ledger's own worker thread (`Ledger`), so the event loop never
+waits on the database. Writes are idempotent on `request_id`: a batch replayed from the spool after a failure
+that happened mid-commit cannot count a request twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metergate.ledger.schema import MIGRATIONS, MIGRATIONS_TABLE, RECORD_COLUMNS, SCHEMA_VERSION, Dialect
+
+REPORT_DIMENSIONS = ("team", "app", "model", "provider", "endpoint", "key_id", "upstream_model")
+
+
+class LedgerError(Exception):
+    """The ledger database cannot be used (unreachable, locked, corrupted, or from a newer metergate)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    sha256: str
+    team: str
+    app: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """Totals for one group of a report."""
+
+    group: tuple[str, ...]
+    requests: int
+    errors: int
+    tokens_in: int
+    tokens_out: int
+    tokens_cached: int
+    cost_pusd: int
+
+
+class Store(ABC):
+    dialect: Dialect
+    url: str
+
+    @abstractmethod
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement in its own transaction; rows for a query."""
+
+    @abstractmethod
+    def _write_rows(self, rows: Sequence[tuple[Any, ...]]) -> None: ...
+
+    @abstractmethod
+    def _migration_connection(self) -> Any: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def now(self) -> float:
+        """The database's clock (PostgreSQL) or this machine's (SQLite), in unix seconds."""
+        return time.time()
+
+    def migrate(self) -> int:
+        """Bring the schema to SCHEMA_VERSION; returns the version found before."""
+        conn = self._migration_connection()
+        p = self._p
+        try:
+            with _transaction(conn, self.dialect):
+                cur = conn.cursor()
+                cur.execute(MIGRATIONS_TABLE[self.dialect])
+                cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+                found = int(cur.fetchone()[0])
+        except Exception as exc:
+            raise LedgerError(f"{self.url}: cannot read the schema version: {_clean(exc)}") from exc
+        if found > SCHEMA_VERSION:
+            raise LedgerError(
+                f"the ledger's schema is version {found}, newer than this metergate understands ({SCHEMA_VERSION}); "
+                "upgrade metergate"
+            )
+        for migration in MIGRATIONS:
+            if migration.version <= found:
+                continue
+            try:
+                with _transaction(conn, self.dialect):
+                    cur = conn.cursor()
+                    for statement in migration.statements[self.dialect]:
+                        cur.execute(statement)
+                    cur.execute(
+                        f"INSERT INTO schema_migrations (version, description, applied_at) VALUES ({p}, {p}, {p})",
+                        (migration.version, migration.description, time.time()),
+                    )
+            except Exception as exc:
+                raise LedgerError(f"{self.url}: migration {migration.version} failed: {_clean(exc)}") from exc
+        return found
+
+    def schema_version(self) -> int:
+        return int(self._execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0])
+
+    def write(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        if rows:
+            self._write_rows(rows)
+
+    def count(self) -> int:
+        return int(self._execute("SELECT COUNT(*) FROM usage_records")[0][0])
+
+    def spend(self, since: float, until: float) -> dict[tuple[str, str], int]:
+        """Cost in pico-USD per (team, app) of requests started in [since, until)."""
+        p = self._p
+        rows = self._execute(
+            f"SELECT team, app, SUM(cost_pusd) FROM usage_records WHERE started_at >= {p} AND started_at < {p} "
+            "GROUP BY team, app",
+            (since, until),
+        )
+        return {(team, app): int(total) for team, app, total in rows}
+
+    def cost_buckets(self, since: float, until: float, bucket_s: int) -> list[tuple[str, str, int, int]]:
+        """Cost per (team, app, bucket) where bucket = floor(started_at / bucket_s), for forecasts."""
+        p = self._p
+        bucket = (
+            f"CAST(started_at / {int(bucket_s)} AS INTEGER)"
+            if self.dialect == "sqlite"
+            else f"FLOOR(started_at / {int(bucket_s)})::BIGINT"
+        )
+        rows = self._execute(
+            f"SELECT team, app, {bucket} AS b, SUM(cost_pusd) FROM usage_records "
+            f"WHERE started_at >= {p} AND started_at < {p} GROUP BY team, app, b",
+            (since, until),
+        )
+        return [(team, app, int(b), int(total)) for team, app, b, total in rows]
+
+    def aggregate(self, since: float, until: float, by: Sequence[str], team: str | None = None) -> list[Aggregate]:
+        for dim in by:
+            if dim not in REPORT_DIMENSIONS:
+                raise ValueError(f"cannot group by {dim!r}; choose from {', '.join(REPORT_DIMENSIONS)}")
+        p = self._p
+        cols = ", ".join(by)
+        where = f"started_at >= {p} AND started_at < {p}"
+        params: list[Any] = [since, until]
+        if team is not None:
+            where += f" AND team = {p}"
+            params.append(team)
+        select = (cols + ", ") if by else ""
+        group = f" GROUP BY {cols} ORDER BY {cols}" if by else ""
+        rows = self._execute(
+            f"SELECT {select}COUNT(*), SUM(CASE WHEN error_type IS NULL THEN 0 ELSE 1 END), "
+            "COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), COALESCE(SUM(tokens_cached), 0), "
+            f"COALESCE(SUM(cost_pusd), 0) FROM usage_records WHERE {where}{group}",
+            params,
+        )
+        n = len(by)
+        return [
+            Aggregate(
+                tuple(str(v) for v in row[:n]),
+                int(row[n]),
+                int(row[n + 1] or 0),
+                int(row[n + 2]),
+                int(row[n + 3]),
+                int(row[n + 4]),
+                int(row[n + 5]),
+            )
+            for row in rows
+            if int(row[n]) > 0
+        ]
+
+    # --- API keys --------------------------------------------------------------------------------------------
+
+    def add_key(self, key: ApiKey) -> None:
+        p = self._p
+        self._execute(
+            f"INSERT INTO api_keys (id, sha256, team, app, name, created_at, revoked_at) "
+            f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, NULL)",
+            (key.id, key.sha256, key.team, key.app, key.name, key.created_at),
+        )
+
+    def keys(self, include_revoked: bool = True) -> list[ApiKey]:
+        where = "" if include_revoked else " WHERE revoked_at IS NULL"
+        rows = self._execute(
+            f"SELECT id, sha256, team, app, name, created_at, revoked_at FROM api_keys{where} ORDER BY created_at"
+        )
+        return [ApiKey(*row) for row in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        p = self._p
+        rows = self._execute(
+            f"UPDATE api_keys SET revoked_at = {p} WHERE id = {p} AND revoked_at IS NULL RETURNING id",
+            (time.time(), key_id),
+        )
+        return bool(rows)
+
+    @property
+    def _p(self) -> str:
+        return "?" if self.dialect == "sqlite" else "%s"
+
+
+@contextmanager
+def _transaction(conn: Any, dialect: Dialect) -> Iterator[None]:
+    if dialect == "postgresql":
+        with conn.transaction():
+            yield
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class SQLiteStore(Store):
+    dialect: Dialect = "sqlite"
+
+    def __init__(self, url: str, busy_timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.path = Path(url.removeprefix("sqlite:///"))
+        try:
+            if self.path.parent and not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            # WAL: readers never block the writer; NORMAL: a process crash loses nothing committed.
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open {url}: {exc}") from exc
+
+    def _migration_connection(self) -> sqlite3.Connection:
+        return self._conn
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            cur = self._conn.execute(sql, params)
+            return cur.fetchall()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{self.url}: {exc}") from exc
+
+    def _write_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        cols = ", ".join(RECORD_COLUMNS)
+        marks = ", ".join("?" * len(RECORD_COLUMNS))
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    f"INSERT INTO usage_records ({cols}) VALUES ({marks}) ON CONFLICT (request_id) DO NOTHING", rows
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{self.url}: {exc}") from exc
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class PostgresStore(Store):
+    dialect: Dialect = "postgresql"
+
+    def __init__(self, url: str, connect_timeout_s: float = 5.0) -> None:
+        import psycopg
+
+        self.url = url
+        self._psycopg = psycopg
+        self._connect_timeout = connect_timeout_s
+        self._conn: Any = None
+        self._connect()
+
+    def _connect(self) -> None:
+        try:
+            self._conn = self._psycopg.connect(
+                self.url, connect_timeout=max(1, int(self._connect_timeout)), autocommit=True
+            )
+        except self._psycopg.Error as exc:
+            raise LedgerError(f"cannot connect to the ledger database: {_clean(exc)}") from exc
+
+    def _live(self) -> Any:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._connect()
+        return self._conn
+
+    def _migration_connection(self) -> Any:
+        return self._live()
+
+    def now(self) -> float:
+        return float(self._execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())")[0][0])
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            conn = self._live()
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(sql, params)
+                return list(cur.fetchall()) if cur.description else []
+        except self._psycopg.Error as exc:
+            raise LedgerError(f"ledger database: {_clean(exc)}") from exc
+
+    def _write_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        cols = ", ".join(RECORD_COLUMNS)
+        try:
+            conn = self._live()
+            with conn.transaction(), conn.cursor() as cur:
+                # COPY is the fast path; a staging table lets the insert skip request ids already written.
+                cur.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS usage_staging (LIKE usage_records INCLUDING DEFAULTS) "
+                    "ON COMMIT DELETE ROWS"
+                )
+                with cur.copy(f"COPY usage_staging ({cols}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(_pg_row(row))
+                cur.execute(
+                    f"INSERT INTO usage_records ({cols}) SELECT {cols} FROM usage_staging "
+                    "ON CONFLICT (request_id) DO NOTHING"
+                )
+        except self._psycopg.Error as exc:
+            raise LedgerError(f"ledger database: {_clean(exc)}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+def _pg_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    # SQLite keeps flags as 0/1; PostgreSQL wants booleans.
+    out = list(row)
+    for i in (10, 17, 18):
+        out[i] = bool(out[i])
+    return tuple(out)
+
+
+def _clean(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def open_store(url: str) -> Store:
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url)
+    raise LedgerError(f"unsupported ledger url {url!r}")
+
+
+def iter_chunks(rows: Sequence[tuple[Any, ...]], size: int) -> Iterable[Sequence[tuple[Any, ...]]]:
+    for i in range(0, len(rows), size):
+        yield rows[i : i + size]
