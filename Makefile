@@ -30,3 +30,7 @@ system-deps:  ## Debian packages the tests need (Prometheus, promtool, Alertmana
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/gateway_bench.py
+
+dashboards: $(STAMP)  ## regenerate deploy/grafana/dashboards/*.json from deploy/grafana/dashboards.py
+	$(BIN)/python deploy/grafana/dashboards.py
+	$(BIN)/python deploy/kubernetes/generate_prometheusrule.py

@@ -60,7 +60,7 @@ class BudgetStatus(BaseModel):
     warn_at: float
     spent_usd: float
     reserved_usd: float
-    forecast_usd: float | None
+    forecast_usd: float
     period_start: str
     resets_at: str
 

@@ -327,6 +327,8 @@ class BudgetGuard:
             else LocalReservations(self.tracker)
         )
         self._forecasts: dict[tuple[str, str, Period], float] = {}
+        self._history: dict[ScopeKey, dict[Any, float]] = {}
+        self._history_stamp: tuple[float, int] | None = None
         self._warned: set[tuple[str, float, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -348,12 +350,10 @@ class BudgetGuard:
             await self.reservations.close()
 
     async def _maintain(self) -> None:
-        ticks = 0
         while True:
             await asyncio.sleep(15)
-            ticks += 1
             try:
-                await self._sync(forecasts=ticks % 4 == 0)
+                await self._sync()
                 await self.reservations.expire()
             except (LedgerError, OSError) as exc:
                 log.warning("budget state not refreshed: %s", exc)
@@ -517,7 +517,13 @@ class BudgetGuard:
 
         now = self.clock.now()
         windows = self.tracker.windows(now)
-        history = await daily_history(self.ledger, now, self.tz)
+        # Full days do not change: the history query runs when the day changes or every 10 minutes (late
+        # records of other replicas); today's spend comes from the tracker at every refresh.
+        stamp = (windows["day"].start_ts, int(now.timestamp() // 600))
+        if self._history_stamp != stamp:
+            self._history = await daily_history(self.ledger, windows["day"].start, self.tz)
+            self._history_stamp = stamp
+        history = self._history
         forecasts: dict[tuple[str, str, Period], float] = {}
         for team, app in self.scopes():
             days = history.get((team, app), {}) if app else _team_days(history, team)
@@ -586,7 +592,7 @@ class BudgetGuard:
                     "warn_at": b.warn_at,
                     "spent_usd": float(spent),
                     "reserved_usd": float(from_pusd(self.reservations.reserved_pusd(b, w.start_ts))),
-                    "forecast_usd": self._forecasts.get((team, app, b.period)),
+                    "forecast_usd": max(float(spent), self._forecasts.get((team, app, b.period), 0.0)),
                     "period_start": w.start.isoformat(),
                     "resets_at": w.end.isoformat(),
                 }

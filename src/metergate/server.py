@@ -221,7 +221,7 @@ async def serve(
         raise
     api = SignalFreeServer(
         _uvicorn_config(
-            ApiApp(runtime.gateway, config.server.max_body_bytes),
+            ApiApp(runtime.gateway, config.server.max_body_bytes, runtime.admin),
             config.server.listen,
             config.server.shutdown_timeout_s,
         )
