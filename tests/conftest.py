@@ -257,3 +257,34 @@ def assert_metered(
     }
     got_cost = after.delta(before, "llm_total_cost_usd", model=model, **labels)
     assert abs(Decimal(repr(got_cost)) - money) <= Decimal("1e-9"), (got_cost, money)
+
+
+PG_SERVER = os.environ.get("METERGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+def create_pg_database() -> str:
+    """A fresh PostgreSQL database on the test server (trust auth); never skipped: CI must reach it."""
+    import psycopg
+
+    name = f"mg_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        raise RuntimeError(f"the PostgreSQL tests need a server at {PG_SERVER} (trust auth): {exc}") from exc
+    return f"{PG_SERVER}/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    url = create_pg_database()
+    yield url
+    drop_pg_database(url)
