@@ -102,16 +102,17 @@ def wrk(url: str, body: str, key: str, connections: int, duration: float, script
     return Result(_ms(p50.group(1)), _ms(p99.group(1)), float(rps.group(1)))
 
 
-def gateway_config(sim_url: str, listen: str, metrics: str, workdir: Path, budgets: bool) -> str:
+def gateway_config(sim_url: str, listen: str, metrics: str, workdir: Path, mode: str) -> str:
     digest = hashlib.sha256(GATEWAY_KEY.encode()).hexdigest()
     extra = ""
-    if budgets:
-        extra = textwrap.dedent(
-            f"""
-            ledger: {{url: "sqlite:///{workdir}/ledger.db"}}
+    if mode in ("ledger", "budgets"):
+        extra += f'ledger: {{url: "sqlite:///{workdir}/ledger.db"}}\n'
+    if mode == "budgets":
+        extra += textwrap.dedent(
+            """
             budgets:
-              - {{team: bench, period: day, limit_usd: 1000000, action: block}}
-              - {{team: bench, app: wrk, period: month, limit_usd: 1000000, action: alert}}
+              - {team: bench, period: day, limit_usd: 1000000, action: block}
+              - {team: bench, app: wrk, period: month, limit_usd: 1000000, action: alert}
             """
         )
     return (
@@ -134,9 +135,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
     parser.add_argument("--budgets", action="store_true", help="run the gateway with budgets and the SQLite ledger on")
+    parser.add_argument("--ledger", action="store_true", help="run the gateway with the SQLite ledger only")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
+    mode = "budgets" if args.budgets else "ledger" if args.ledger else "plain"
     sim_port, gw_port, metrics_port = free_port(), free_port(), free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
     procs: list[subprocess.Popen[bytes]] = []
@@ -146,7 +149,7 @@ def main() -> None:
         script.write_text(LUA)
         config = workdir / "gateway.yaml"
         config.write_text(
-            gateway_config(sim_url, f"127.0.0.1:{gw_port}", f"127.0.0.1:{metrics_port}", workdir, args.budgets)
+            gateway_config(sim_url, f"127.0.0.1:{gw_port}", f"127.0.0.1:{metrics_port}", workdir, mode)
         )
         env = dict(os.environ, BENCH_OPENAI_KEY="sk-sim-openai")
         try:
@@ -186,7 +189,9 @@ def main() -> None:
                 p.terminate()
             for p in procs:
                 p.wait(timeout=30)
-    mode = "budgets + SQLite ledger on" if args.budgets else "no budgets, no ledger"
+    mode = {"budgets": "budgets + SQLite ledger on", "ledger": "SQLite ledger on", "plain": "no budgets, no ledger"}[
+        mode
+    ]
     print(f"\nmetergate gateway benchmark ({mode}; wrk, 1 thread; {args.duration:.0f}s per run)\n")
     header = (
         f"{'call':<15}{'direct p50':>11}{'gw p50':>9}{'added p50':>11}{'added p99':>11}"

@@ -56,9 +56,13 @@ def budget_id(budget: BudgetConfig) -> str:
 @dataclass(slots=True)
 class Hold:
     budget: BudgetConfig
-    window_start: float
+    window: Window
     amount_pusd: int
     hold_id: str = ""
+
+    @property
+    def window_start(self) -> float:
+        return self.window.start_ts
 
 
 @dataclass(slots=True)
@@ -69,8 +73,10 @@ class Reservation:
 class SpendTracker:
     """Spend per (team, app) and calendar period: ledger totals plus this process's records since.
 
-    `resync` writes pending records, reads the ledger's totals for the current periods (all replicas' records),
-    and keeps counting this process's records observed since the flush on top, so nothing is counted twice.
+    Each record counts under its (team, app) and under (team, "") for the whole team, so any scope's spend is a
+    few dict lookups. `resync` writes pending records, reads the ledger's totals for the current periods (all
+    replicas' records), and keeps counting this process's records observed since the flush on top, so nothing is
+    counted twice.
     """
 
     def __init__(self, tz: ZoneInfo, clock: Clock) -> None:
@@ -85,41 +91,46 @@ class SpendTracker:
         at = at or self.clock.now()
         return {p: window(p, at, self.tz) for p in PERIODS}
 
-    def _windows_at(self, ts: float) -> dict[Period, Window]:
-        # Nearly every record falls in the periods of the previous one: reuse them instead of recomputing.
+    def current(self, ts: float | None = None) -> dict[Period, Window]:
+        """The periods containing `ts` (default: now); reused while they last instead of recomputed."""
+        ts = self.clock.time() if ts is None else ts
         current = self._current
-        if not current or not all(w.start_ts <= ts < w.end_ts for w in current.values()):
-            current = self._current = self.windows(datetime.fromtimestamp(ts, UTC))
+        if not current or not all(w.contains(ts) for w in current.values()):
+            current = self.windows(datetime.fromtimestamp(ts, UTC))
+            if all(w.contains(self.clock.time()) for w in current.values()):
+                self._current = current
         return current
 
     def observe(self, record: UsageRecord) -> None:
         if not record.cost_usd:
             return
         cost = to_pusd(record.cost_usd)
-        for period, w in self._windows_at(record.started_at).items():
+        for period, w in self.current(record.started_at).items():
             bucket = self._local.setdefault((period, w.start_ts), {})
-            key = (record.team, record.app)
-            bucket[key] = bucket.get(key, 0) + cost
+            for key in ((record.team, record.app), (record.team, "")):
+                bucket[key] = bucket.get(key, 0) + cost
 
     def spent_pusd(self, team: str, app: str, period: Period, w: Window | None = None) -> int:
-        w = w or window(period, self.clock.now(), self.tz)
+        w = w or self.current()[period]
         key = (period, w.start_ts)
-        base, local, mark = self._base.get(key, {}), self._local.get(key, {}), self._mark.get(key, {})
-
-        def total(d: dict[ScopeKey, int]) -> int:
-            if app:
-                return d.get((team, app), 0)
-            return sum(v for (t, _), v in d.items() if t == team)
-
-        return total(base) + total(local) - total(mark)
+        scope = (team, app)
+        return (
+            self._base.get(key, _EMPTY).get(scope, 0)
+            + self._local.get(key, _EMPTY).get(scope, 0)
+            - self._mark.get(key, _EMPTY).get(scope, 0)
+        )
 
     async def resync(self, ledger: Ledger) -> None:
         await ledger.flush_now()
         marks = {k: dict(v) for k, v in self._local.items()}
         store = await ledger.store()
         base: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
-        for period, w in self.windows().items():
-            base[(period, w.start_ts)] = await ledger.call(store.spend, w.start_ts, w.end_ts)
+        for period, w in self.windows(self.clock.now()).items():
+            per_app = await ledger.call(store.spend, w.start_ts, w.end_ts)
+            totals = dict(per_app)
+            for (team, _), pusd in per_app.items():
+                totals[(team, "")] = totals.get((team, ""), 0) + pusd
+            base[(period, w.start_ts)] = totals
         self._base = base
         self._mark = marks
         # Drop buckets of periods that have ended.
@@ -132,6 +143,9 @@ class SpendTracker:
         for d in (*self._base.values(), *self._local.values()):
             found.update(t for t, _ in d)
         return found
+
+
+_EMPTY: dict[ScopeKey, int] = {}
 
 
 class Clock:
@@ -157,9 +171,8 @@ class LocalReservations:
 
     async def reserve(self, hold: Hold, limit_pusd: int) -> tuple[bool, int, int]:
         team, app = scope_of(hold.budget)
-        w = window(hold.budget.period, datetime.fromtimestamp(hold.window_start, UTC), self.tracker.tz)
         key = (budget_id(hold.budget), hold.window_start)
-        spent = self.tracker.spent_pusd(team, app, hold.budget.period, w)
+        spent = self.tracker.spent_pusd(team, app, hold.budget.period, hold.window)
         reserved = self._reserved.get(key, 0)
         if spent + reserved >= limit_pusd:
             return False, spent, reserved
@@ -234,7 +247,7 @@ class SharedReservations:
         if (scope, hold.window_start) in self._ensured:
             return
         team, app = scope_of(hold.budget)
-        w = window(hold.budget.period, datetime.fromtimestamp(hold.window_start, UTC), self.tracker.tz)
+        w = hold.window
         await self._run(
             "INSERT INTO budget_spend (scope, period_start, spent_pusd, reserved_pusd) "
             "SELECT %(scope)s, %(start)s, COALESCE(SUM(cost_pusd), 0), 0 FROM usage_records "
@@ -403,11 +416,11 @@ class BudgetGuard:
         if not budgets:
             return None
         estimate = self.worst_case_pusd(ctx)
-        now = self.clock.now()
+        windows = self.tracker.current()
         reservation = Reservation()
         for budget in budgets:
-            w = window(budget.period, now, self.tz)
-            hold = Hold(budget, w.start_ts, estimate)
+            w = windows[budget.period]
+            hold = Hold(budget, w, estimate)
             limit = to_pusd(Decimal(str(budget.limit_usd)))
             try:
                 ok, spent, reserved = await self.reservations.reserve(hold, limit)
@@ -483,20 +496,23 @@ class BudgetGuard:
     def _check_thresholds(self, record: UsageRecord) -> None:
         if not record.cost_usd:
             return
+        windows = self.tracker.current()
         for budget in self._by_team.get(record.team, ()):
             if budget.app is not None and budget.app != record.app:
                 continue
-            w = window(budget.period, self.clock.now(), self.tz)
+            w = windows[budget.period]
+            if (budget_id(budget), w.start_ts, "limit") in self._warned:
+                continue
             spent = float(from_pusd(self.tracker.spent_pusd(budget.team, budget.app or "", budget.period, w)))
             for level, threshold in (("warn", budget.warn_at * budget.limit_usd), ("limit", budget.limit_usd)):
                 key = (budget_id(budget), w.start_ts, level)
                 if spent >= threshold and key not in self._warned:
                     self._warned.add(key)
                     log.warning(
-                        "budget %s: %s of $%.2f reached ($%.2f spent this %s, action %s)",
+                        "budget %s: %s of $%s reached ($%.4f spent this %s, action %s)",
                         budget_id(budget),
                         "limit" if level == "limit" else f"{budget.warn_at:.0%}",
-                        budget.limit_usd,
+                        f"{budget.limit_usd:,.2f}" if budget.limit_usd >= 0.01 else f"{budget.limit_usd:g}",
                         spent,
                         budget.period,
                         budget.action,

@@ -6,7 +6,7 @@ Monday, a month on the 1st, and a day across a DST change is 23 or 25 hours long
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -20,14 +20,16 @@ class Window:
     period: Period
     start: datetime  # aware, in the configured timezone
     end: datetime  # exclusive
+    start_ts: float = field(init=False)
+    end_ts: float = field(init=False)
 
-    @property
-    def start_ts(self) -> float:
-        return self.start.timestamp()
+    def __post_init__(self) -> None:
+        # Compared on every request: computed once.
+        object.__setattr__(self, "start_ts", self.start.timestamp())
+        object.__setattr__(self, "end_ts", self.end.timestamp())
 
-    @property
-    def end_ts(self) -> float:
-        return self.end.timestamp()
+    def contains(self, ts: float) -> bool:
+        return self.start_ts <= ts < self.end_ts
 
     def elapsed_fraction(self, now: datetime) -> float:
         total = (self.end - self.start).total_seconds()
