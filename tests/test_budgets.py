@@ -140,7 +140,7 @@ def test_budget_429_in_each_api_shape_without_sdk_retries(simulator, tmp_path: P
         for _ in range(2):
             b.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         # The budget is per app: support's other apps, and other teams, are not held by it.
-        assert wait_for(lambda: "budget ads/bidder/month: limit of $0.00 reached" in gw.log())
+        assert wait_for(lambda: "budget ads/bidder/month: limit of $1e-05 reached" in gw.log())
     finally:
         gw.stop()
 
