@@ -80,3 +80,11 @@ class UsageRecord:
     error_type: str | None = None
     latency_s: float = 0.0
     ttft_s: float | None = None
+
+
+def tier_of(value: object) -> str | None:
+    """A provider's non-standard service tier ("flex", "priority"...), which selects a price variant; the
+    standard tier, whatever a provider calls it, is None."""
+    if isinstance(value, str) and value.lower() not in ("", "default", "auto", "standard"):
+        return value.lower()
+    return None

@@ -25,7 +25,7 @@ from metergate.providers.base import (
     require_dict,
 )
 from metergate.sse import SSEEvent
-from metergate.usage import Usage, UsageError, count
+from metergate.usage import Usage, UsageError, count, tier_of
 
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
@@ -49,13 +49,8 @@ def parse_anthropic_usage(usage: Mapping[str, Any]) -> Usage:
         cache_write_tokens=cache_write,
         cache_write_1h_tokens=write_1h,
         web_searches=count(server_tools.get("web_search_requests"), "server_tool_use.web_search_requests"),
-        service_tier=_tier(usage.get("service_tier")),
+        service_tier=tier_of(usage.get("service_tier")),
     )
-
-
-def _tier(value: object) -> str | None:
-    # Anthropic says "standard" for the default tier; only other tiers select a price variant.
-    return value.lower() if isinstance(value, str) and value and value != "standard" else None
 
 
 class MessagesStreamMeter(SSEStreamMeter):

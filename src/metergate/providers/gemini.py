@@ -27,7 +27,7 @@ from metergate.providers.base import (
     require_dict,
 )
 from metergate.sse import SSEEvent
-from metergate.usage import Usage, UsageError, count
+from metergate.usage import Usage, UsageError, count, tier_of
 
 _USAGE_KEY = b'"usageMetadata"'
 # Streamed JSON arrays are kept whole to be parsed at the end; beyond this size only the tail is kept.
@@ -55,12 +55,8 @@ def parse_gemini_usage(meta: Mapping[str, Any]) -> Usage:
         cache_read_tokens=cached,
         reasoning_tokens=thoughts,
         input_audio_tokens=min(audio_in, prompt),
-        service_tier=_tier(meta.get("serviceTier")),
+        service_tier=tier_of(meta.get("serviceTier")),
     )
-
-
-def _tier(value: object) -> str | None:
-    return value.lower() if isinstance(value, str) and value and value.lower() != "standard" else None
 
 
 def _usage_metadata(obj: Any) -> Mapping[str, Any] | None:

@@ -26,7 +26,7 @@ from metergate.providers.base import (
     require_dict,
 )
 from metergate.sse import SSEEvent
-from metergate.usage import Usage, UsageError, count
+from metergate.usage import Usage, UsageError, count, tier_of
 
 _USAGE_KEY = b'"usage"'
 _USAGE_NULL_FORMS = (b',"usage":null', b'"usage":null,')
@@ -69,7 +69,7 @@ def parse_openai_usage(usage: Mapping[str, Any], service_tier: object = None) ->
         reasoning_tokens=reasoning,
         input_audio_tokens=audio_in,
         output_audio_tokens=audio_out,
-        service_tier=_tier(service_tier),
+        service_tier=tier_of(service_tier),
     )
 
 
@@ -100,15 +100,8 @@ def parse_responses_usage(usage: Mapping[str, Any], service_tier: object = None,
         cache_write_tokens=cache_write,
         reasoning_tokens=reasoning,
         web_searches=searches,
-        service_tier=_tier(service_tier),
+        service_tier=tier_of(service_tier),
     )
-
-
-def _tier(value: object) -> str | None:
-    """A non-default service tier ("flex", "priority"...), which selects a price variant."""
-    if isinstance(value, str) and value.lower() not in ("", "default", "auto", "standard"):
-        return value.lower()
-    return None
 
 
 def _usage_object(container: Mapping[str, Any]) -> Mapping[str, Any]:
