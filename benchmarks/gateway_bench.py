@@ -148,9 +148,7 @@ def main() -> None:
         script = workdir / "post.lua"
         script.write_text(LUA)
         config = workdir / "gateway.yaml"
-        config.write_text(
-            gateway_config(sim_url, f"127.0.0.1:{gw_port}", f"127.0.0.1:{metrics_port}", workdir, mode)
-        )
+        config.write_text(gateway_config(sim_url, f"127.0.0.1:{gw_port}", f"127.0.0.1:{metrics_port}", workdir, mode))
         env = dict(os.environ, BENCH_OPENAI_KEY="sk-sim-openai")
         try:
             procs.append(

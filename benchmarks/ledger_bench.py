@@ -37,7 +37,7 @@ from metergate.usage import Usage, UsageRecord
 
 
 def make_record(i: int) -> UsageRecord:
-    return UsageRecord(
+    rec = UsageRecord(
         request_id=f"{uuid.uuid4().hex}-{i}",
         started_at=time.time(),
         team=f"team-{i % 7}",
@@ -50,10 +50,11 @@ def make_record(i: int) -> UsageRecord:
         code=200,
         stream=bool(i % 2),
         usage=Usage(input_tokens=1200 + i % 500, output_tokens=300, cache_read_tokens=i % 100),
-        cost_usd=Decimal("0.000387"),
         latency_s=0.42,
         ttft_s=0.1,
     )
+    rec.set_cost(Decimal("0.000387"))
+    return rec
 
 
 def store_throughput(url: str, n: int) -> float:

@@ -89,10 +89,11 @@ def test_two_replicas_sharing_postgres_hold_one_budget(simulator, tmp_path: Path
         spent = _spent_usd(simulator, tag)
         assert spent <= FITS_TEN + ONE, (admitted, spent)
         assert admitted >= 5
-        # Both replicas took part and both refused: one budget, not one per replica.
+        # Both replicas took part and both refused; per-replica budgets would have let each spend the limit,
+        # which the spend bound above rules out. (Which replica admitted what depends on timing.)
         for gw in gateways:
             assert gw.metrics().sum("llm_errors_total", error_type="budget_exceeded") > 0
-            assert gw.metrics().sum("llm_requests_total", team="search", code="200") > 0
+            assert gw.metrics().sum("llm_requests_total", team="search") >= 25
         # Every replica exports the same global spend (from the shared ledger) once it has resynced.
         assert wait_for(
             lambda: (

@@ -18,11 +18,11 @@ import openai
 import pytest
 
 from metergate.config import LedgerConfig
-from metergate.ledger import Ledger, LedgerError, from_pusd, record_row, to_pusd
+from metergate.ledger import Ledger, LedgerError, record_row
 from metergate.ledger.schema import SCHEMA_VERSION
 from metergate.ledger.store import open_store
 from metergate.simulator import free_port
-from metergate.usage import Usage, UsageRecord
+from metergate.usage import Usage, UsageRecord, from_pusd, to_pusd
 from tests.conftest import KEYS, Gateway, Metrics, make_gateway, wait_for
 from tests.pricesheet import cost
 
@@ -30,7 +30,7 @@ MESSAGES = [{"role": "user", "content": "ledger"}]
 
 
 def record(i: int, team: str = "search", cost_usd: str = "0.000123") -> UsageRecord:
-    return UsageRecord(
+    rec = UsageRecord(
         request_id=f"r-{i}",
         started_at=time.time(),
         team=team,
@@ -43,9 +43,10 @@ def record(i: int, team: str = "search", cost_usd: str = "0.000123") -> UsageRec
         code=200,
         stream=False,
         usage=Usage(input_tokens=100 + i, output_tokens=10),
-        cost_usd=Decimal(cost_usd),
         latency_s=0.01,
     )
+    rec.set_cost(Decimal(cost_usd))
+    return rec
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

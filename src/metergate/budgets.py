@@ -30,11 +30,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from metergate.config import BudgetConfig, Config
 from metergate.errors import GatewayError
 from metergate.forecast import forecast
-from metergate.ledger import Ledger, from_pusd, to_pusd
+from metergate.ledger import Ledger
 from metergate.ledger.store import LedgerError, PostgresStore
 from metergate.periods import PERIODS, Period, Window, window
 from metergate.pricing import PriceBook
-from metergate.usage import Usage, UsageRecord
+from metergate.usage import Usage, UsageRecord, from_pusd, to_pusd
 
 if TYPE_CHECKING:
     from metergate.gateway import RequestContext
@@ -86,6 +86,7 @@ class SpendTracker:
         self._local: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
         self._mark: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
         self._current: dict[Period, Window] = {}
+        self._valid_from = self._valid_until = 0.0  # the span in which all of _current's periods hold
 
     def windows(self, at: datetime | None = None) -> dict[Period, Window]:
         at = at or self.clock.now()
@@ -93,18 +94,21 @@ class SpendTracker:
 
     def current(self, ts: float | None = None) -> dict[Period, Window]:
         """The periods containing `ts` (default: now); reused while they last instead of recomputed."""
-        ts = self.clock.time() if ts is None else ts
-        current = self._current
-        if not current or not all(w.contains(ts) for w in current.values()):
-            current = self.windows(datetime.fromtimestamp(ts, UTC))
-            if all(w.contains(self.clock.time()) for w in current.values()):
-                self._current = current
-        return current
+        if ts is None:
+            ts = self.clock.time()
+        if self._valid_from <= ts < self._valid_until:
+            return self._current
+        windows = self.windows(datetime.fromtimestamp(ts, UTC))
+        start = max(w.start_ts for w in windows.values())
+        end = min(w.end_ts for w in windows.values())
+        if start <= self.clock.time() < end:
+            self._current, self._valid_from, self._valid_until = windows, start, end
+        return windows
 
     def observe(self, record: UsageRecord) -> None:
-        if not record.cost_usd:
+        cost = record.cost_pusd
+        if not cost:
             return
-        cost = to_pusd(record.cost_usd)
         for period, w in self.current(record.started_at).items():
             bucket = self._local.setdefault((period, w.start_ts), {})
             for key in ((record.team, record.app), (record.team, "")):
@@ -329,6 +333,13 @@ class BudgetGuard:
         self.clock = Clock()
         self.tracker = SpendTracker(self.tz, self.clock)
         self.budgets = list(config.budgets)
+        # Per budget, computed once: its id and its warn and limit thresholds in pico-dollars.
+        self._ids = {id(b): budget_id(b) for b in self.budgets}
+        self._thresholds = {
+            id(b): (to_pusd(Decimal(str(b.limit_usd * b.warn_at))), to_pusd(Decimal(str(b.limit_usd))))
+            for b in self.budgets
+        }
+        self._estimates: dict[tuple[str, str, int, int], int] = {}
         self._by_team: dict[str, list[BudgetConfig]] = {}
         for b in self.budgets:
             self._by_team.setdefault(b.team, []).append(b)
@@ -421,7 +432,7 @@ class BudgetGuard:
         for budget in budgets:
             w = windows[budget.period]
             hold = Hold(budget, w, estimate)
-            limit = to_pusd(Decimal(str(budget.limit_usd)))
+            limit = self._thresholds[id(budget)][1]
             try:
                 ok, spent, reserved = await self.reservations.reserve(hold, limit)
             except LedgerError as exc:
@@ -436,20 +447,33 @@ class BudgetGuard:
         return reservation
 
     def worst_case_pusd(self, ctx: RequestContext) -> int:
-        """Estimated input (a token is at least 3 bytes of the request body, in practice) plus the output cap."""
+        """Estimated input (a token is at least 3 bytes of the request body, in practice) plus the output cap.
+
+        The input estimate is rounded up to a multiple of 256 tokens, so the price of a request shape is computed
+        once and reused: still an upper bound, at a fraction of the cost.
+        """
         assert ctx.route is not None and ctx.facts is not None
         body_bytes = len(ctx.raw_body) if ctx.raw_body is not None else 0
+        input_tokens = -(-(body_bytes // 3 + 16) // 256) * 256
         output = ctx.facts.max_output_tokens or self.config.budget_defaults.default_max_output_tokens
-        usage = Usage(input_tokens=body_bytes // 3 + 16, output_tokens=output)
         upstream = ctx.route.upstream
+        model = upstream.pricing_model(ctx.route.upstream_model)
+        key = (upstream.name, model, input_tokens, output)
+        cached = self._estimates.get(key)
+        if cached is not None:
+            return cached
         cost = self.prices.price(
             upstream.name,
             upstream.config.pricing_provider_id,
-            upstream.pricing_model(ctx.route.upstream_model),
-            usage,
+            model,
+            Usage(input_tokens=input_tokens, output_tokens=output),
             self.clock.now(),
         )
-        return to_pusd(cost) if cost is not None else 0
+        estimate = to_pusd(cost) if cost is not None else 0
+        if len(self._estimates) > 10_000:
+            self._estimates.clear()  # prices change with time too: the cache is renewed now and then
+        self._estimates[key] = estimate
+        return estimate
 
     def _refusal(self, budget: BudgetConfig, w: Window, spent: int, reserved: int) -> GatewayError:
         resets = w.end.isoformat()
@@ -473,7 +497,7 @@ class BudgetGuard:
         self._check_thresholds(record)
         if not isinstance(reservation, Reservation):
             return
-        actual = to_pusd(record.cost_usd)
+        actual = record.cost_pusd
         for hold in reservation.holds:
             self._release(hold, actual)
 
@@ -494,26 +518,28 @@ class BudgetGuard:
             log.warning("budget settlement failed: %s", task.exception())
 
     def _check_thresholds(self, record: UsageRecord) -> None:
-        if not record.cost_usd:
+        if not record.cost_pusd:
             return
         windows = self.tracker.current()
         for budget in self._by_team.get(record.team, ()):
             if budget.app is not None and budget.app != record.app:
                 continue
+            bid = self._ids[id(budget)]
             w = windows[budget.period]
-            if (budget_id(budget), w.start_ts, "limit") in self._warned:
+            spent = self.tracker.spent_pusd(budget.team, budget.app or "", budget.period, w)
+            warn_at, limit = self._thresholds[id(budget)]
+            if spent < warn_at or (bid, w.start_ts, "limit") in self._warned:
                 continue
-            spent = float(from_pusd(self.tracker.spent_pusd(budget.team, budget.app or "", budget.period, w)))
-            for level, threshold in (("warn", budget.warn_at * budget.limit_usd), ("limit", budget.limit_usd)):
-                key = (budget_id(budget), w.start_ts, level)
+            for level, threshold in (("warn", warn_at), ("limit", limit)):
+                key = (bid, w.start_ts, level)
                 if spent >= threshold and key not in self._warned:
                     self._warned.add(key)
                     log.warning(
                         "budget %s: %s of $%s reached ($%.4f spent this %s, action %s)",
-                        budget_id(budget),
+                        bid,
                         "limit" if level == "limit" else f"{budget.warn_at:.0%}",
                         f"{budget.limit_usd:,.2f}" if budget.limit_usd >= 0.01 else f"{budget.limit_usd:g}",
-                        spent,
+                        float(from_pusd(spent)),
                         budget.period,
                         budget.action,
                     )

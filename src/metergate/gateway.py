@@ -514,8 +514,7 @@ class Gateway:
         record.usage = usage
         route = ctx.route
         if route is None or usage.is_empty():
-            record.cost_usd = _ZERO
-            record.priced = True
+            record.set_cost(_ZERO)
             return
         upstream = route.upstream
         cost = self.prices.price(
@@ -526,8 +525,7 @@ class Gateway:
             datetime.fromtimestamp(ctx.started_at, UTC),
             usage.service_tier,
         )
-        record.priced = cost is not None
-        record.cost_usd = cost if cost is not None else _ZERO
+        record.set_cost(cost)
 
     def _emit(self, record: UsageRecord, ctx: RequestContext) -> None:
         """Count a finished request everywhere it must be counted, exactly once."""

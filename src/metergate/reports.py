@@ -16,9 +16,10 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from metergate.ledger import Ledger, from_pusd
+from metergate.ledger import Ledger
 from metergate.ledger.store import Aggregate
 from metergate.periods import first_day, next_first_day
+from metergate.usage import from_pusd
 
 _BUCKET_S = 900  # quarter hours map onto local dates in every timezone (offsets are whole quarter hours)
 ROW_FIELDS = ("requests", "errors", "tokens_in", "tokens_out", "tokens_cached", "cost_usd")

@@ -14,6 +14,16 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 _ZERO = Decimal(0)
+_PICO = Decimal(10) ** 12
+
+
+def to_pusd(cost: Decimal) -> int:
+    """USD as an exact integer count of pico-dollars (prices have at most 6 decimals per million tokens)."""
+    return int((cost * _PICO).to_integral_value())
+
+
+def from_pusd(pusd: int) -> Decimal:
+    return Decimal(pusd) / _PICO
 
 
 class UsageError(ValueError):
@@ -75,11 +85,18 @@ class UsageRecord:
     stream: bool
     usage: Usage = field(default_factory=Usage)
     cost_usd: Decimal = _ZERO  # exact, as genai-prices computes it
+    cost_pusd: int = 0  # the same in pico-dollars, for the ledger and budgets (see set_cost)
     priced: bool = True
     metered: bool = True  # False when the request reached a provider but its usage could not be read
     error_type: str | None = None
     latency_s: float = 0.0
     ttft_s: float | None = None
+
+    def set_cost(self, cost: Decimal | None) -> None:
+        """Record the price (None: the model has no price); keeps both units in step."""
+        self.priced = cost is not None
+        self.cost_usd = cost if cost is not None else _ZERO
+        self.cost_pusd = to_pusd(self.cost_usd) if cost else 0
 
 
 def tier_of(value: object) -> str | None:

@@ -17,7 +17,6 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,16 +29,6 @@ from metergate.usage import UsageRecord
 
 log = logging.getLogger("metergate.ledger")
 T = TypeVar("T")
-PICO = Decimal(10) ** 12
-
-
-def to_pusd(cost: Decimal) -> int:
-    """USD as an exact integer count of pico-dollars (prices have at most 6 decimals per million tokens)."""
-    return int((cost * PICO).to_integral_value())
-
-
-def from_pusd(pusd: int) -> Decimal:
-    return Decimal(pusd) / PICO
 
 
 def record_row(rec: UsageRecord, replica: str) -> tuple[Any, ...]:
@@ -61,7 +50,7 @@ def record_row(rec: UsageRecord, replica: str) -> tuple[Any, ...]:
         u.cache_read_tokens,
         u.cache_write_tokens,
         u.reasoning_tokens,
-        to_pusd(rec.cost_usd),
+        rec.cost_pusd,
         int(rec.priced),
         int(rec.metered),
         rec.latency_s,
@@ -270,4 +259,4 @@ def _redact(url: str) -> str:
     return url
 
 
-__all__ = ["ApiKey", "Ledger", "LedgerError", "from_pusd", "record_row", "to_pusd"]
+__all__ = ["ApiKey", "Ledger", "LedgerError", "record_row"]

@@ -7,6 +7,7 @@ that happened mid-commit cannot count a request twice.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from abc import ABC, abstractmethod
@@ -245,15 +246,25 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise LedgerError(f"{self.url}: {exc}") from exc
 
-    def _write_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
+    # Rows per INSERT statement. One statement per row (executemany) hands the GIL back and forth with the event
+    # loop thread at every row; a multi-row statement does it once per 100 rows.
+    ROWS_PER_STATEMENT = 20
+
+    @staticmethod
+    @functools.cache
+    def _insert_sql(n: int) -> str:
         cols = ", ".join(RECORD_COLUMNS)
-        marks = ", ".join("?" * len(RECORD_COLUMNS))
+        one = "(" + ", ".join("?" * len(RECORD_COLUMNS)) + ")"
+        return f"INSERT INTO usage_records ({cols}) VALUES {', '.join([one] * n)} ON CONFLICT (request_id) DO NOTHING"
+
+    def _write_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        step = self.ROWS_PER_STATEMENT
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.executemany(
-                    f"INSERT INTO usage_records ({cols}) VALUES ({marks}) ON CONFLICT (request_id) DO NOTHING", rows
-                )
+                for i in range(0, len(rows), step):
+                    chunk = rows[i : i + step]
+                    self._conn.execute(self._insert_sql(len(chunk)), [v for row in chunk for v in row])
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
