@@ -12,11 +12,13 @@ import contextlib
 import hashlib
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 
 import aiohttp
 from rich.console import Console
 
+from metergate.admin import ADMIN_TOKEN_ENV
 from metergate.config import Config
 from metergate.server import build_runtime, serve
 from metergate.simulator import DEFAULT_KEYS, SimulatedProvider, free_port, serve_simulator
@@ -59,7 +61,10 @@ DEMO_APPS = (
 )
 
 
-def demo_config(sim_url: str, listen: str, metrics_listen: str) -> Config:
+DEMO_ADMIN_TOKEN = "mg-demo-admin"
+
+
+def demo_config(sim_url: str, listen: str, metrics_listen: str, ledger_dir: str) -> Config:
     providers = {
         "openai": {"type": "openai", "base_url": sim_url, "api_key_env": "METERGATE_DEMO_OPENAI_KEY"},
         "anthropic": {
@@ -88,6 +93,13 @@ def demo_config(sim_url: str, listen: str, metrics_listen: str) -> Config:
                     "id": a.key[8:],
                 }
                 for a in DEMO_APPS
+            ],
+            "ledger": {"url": f"sqlite:///{ledger_dir}/metergate-demo.db"},
+            # Budgets the synthetic traffic runs into: research's hard daily cap starts refusing after a while.
+            "budgets": [
+                {"team": "research", "period": "day", "limit_usd": 5, "action": "block"},
+                {"team": "search", "period": "month", "limit_usd": 500, "action": "alert", "warn_at": 0.8},
+                {"team": "support", "app": "assistant", "period": "day", "limit_usd": 20, "action": "alert"},
             ],
         }
     )
@@ -171,6 +183,9 @@ The seed's query, once Prometheus scrapes the metrics port:
 Cost priced per model instead of a flat rate:
   sum by (team) (llm_total_cost_usd)
 
+Budgets: research has a $5/day hard cap (it starts getting 429s after a while), search a $500/month alert.
+Admin API: curl -H "Authorization: Bearer {os.environ.get(ADMIN_TOKEN_ENV, DEMO_ADMIN_TOKEN)}" http://{listen}/admin/budgets
+
 Ctrl+C stops it."""
     return text
 
@@ -182,7 +197,9 @@ async def demo_main(listen: str, metrics_listen: str, rate: float, duration: flo
     os.environ.setdefault("METERGATE_DEMO_OPENAI_KEY", DEFAULT_KEYS["openai"])
     os.environ.setdefault("METERGATE_DEMO_ANTHROPIC_KEY", DEFAULT_KEYS["anthropic"])
     os.environ.setdefault("METERGATE_DEMO_GEMINI_KEY", DEFAULT_KEYS["gemini"])
-    config = demo_config(f"http://127.0.0.1:{sim_port}", listen, metrics_listen)
+    os.environ.setdefault(ADMIN_TOKEN_ENV, DEMO_ADMIN_TOKEN)
+    ledger_dir = tempfile.mkdtemp(prefix="metergate-demo-")
+    config = demo_config(f"http://127.0.0.1:{sim_port}", listen, metrics_listen, ledger_dir)
     runtime = build_runtime(config)
     stop = asyncio.Event()
     traffic_stop = asyncio.Event()
