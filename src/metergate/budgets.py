@@ -31,7 +31,7 @@ from metergate.config import BudgetConfig, Config
 from metergate.errors import GatewayError
 from metergate.forecast import forecast
 from metergate.ledger import Ledger
-from metergate.ledger.store import LedgerError, PostgresStore
+from metergate.ledger.store import LedgerError, PostgresStore, Store
 from metergate.periods import PERIODS, Period, Window, window
 from metergate.pricing import PriceBook
 from metergate.usage import Usage, UsageRecord, from_pusd, to_pusd
@@ -125,16 +125,23 @@ class SpendTracker:
         )
 
     async def resync(self, ledger: Ledger) -> None:
-        await ledger.flush_now()
+        # The snapshot and the ledger's pending batch are taken in the same instant (no await in between), and
+        # the queries run right after that batch is written: every record counted locally so far is in the
+        # totals, and none observed later is.
         marks = {k: dict(v) for k, v in self._local.items()}
-        store = await ledger.store()
-        base: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
-        for period, w in self.windows(self.clock.now()).items():
-            per_app = await ledger.call(store.spend, w.start_ts, w.end_ts)
-            totals = dict(per_app)
-            for (team, _), pusd in per_app.items():
-                totals[(team, "")] = totals.get((team, ""), 0) + pusd
-            base[(period, w.start_ts)] = totals
+        windows = self.windows(self.clock.now())
+
+        def totals(store: Store) -> dict[tuple[Period, float], dict[ScopeKey, int]]:
+            base: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
+            for period, w in windows.items():
+                per_app = store.spend(w.start_ts, w.end_ts)
+                scoped = dict(per_app)
+                for (team, _), pusd in per_app.items():
+                    scoped[(team, "")] = scoped.get((team, ""), 0) + pusd
+                base[(period, w.start_ts)] = scoped
+            return base
+
+        base = await ledger.flush_then(totals)
         self._base = base
         self._mark = marks
         # Drop buckets of periods that have ended.
@@ -195,6 +202,9 @@ class LocalReservations:
         return self._reserved.get((budget_id(budget), window_start), 0)
 
     async def expire(self) -> None:
+        return None
+
+    async def reconcile(self) -> None:
         return None
 
 
@@ -295,12 +305,31 @@ class SharedReservations:
         return False, spent, reserved
 
     async def settle(self, hold: Hold, actual_pusd: int) -> None:
+        """The real cost always enters the spend; the reservation leaves it only if its hold still exists (a hold
+        that outlived its TTL was already released by `expire`)."""
         await self._run(
-            "WITH h AS (DELETE FROM budget_holds WHERE id = %(id)s RETURNING scope, period_start, amount_pusd) "
-            "UPDATE budget_spend b SET reserved_pusd = b.reserved_pusd - h.amount_pusd, "
-            "spent_pusd = b.spent_pusd + %(actual)s FROM h WHERE b.scope = h.scope AND b.period_start = h.period_start",
-            {"id": hold.hold_id, "actual": actual_pusd},
+            "WITH h AS (DELETE FROM budget_holds WHERE id = %(id)s RETURNING amount_pusd) "
+            "UPDATE budget_spend SET reserved_pusd = reserved_pusd - COALESCE((SELECT SUM(amount_pusd) FROM h), 0), "
+            "spent_pusd = spent_pusd + %(actual)s WHERE scope = %(scope)s AND period_start = %(start)s",
+            {"id": hold.hold_id, "actual": actual_pusd, "scope": budget_id(hold.budget), "start": hold.window_start},
         )
+
+    async def reconcile(self) -> None:
+        """Spend the counters missed (a settlement lost to a database outage) is taken from the ledger."""
+        for scope, start in list(self._ensured):
+            team, app_part, period = scope.split("/")
+            app = "" if app_part == "*" else app_part
+            w = window(period, datetime.fromtimestamp(start, UTC), self.tracker.tz)  # type: ignore[arg-type]
+            if not w.contains(self.tracker.clock.time()):
+                self._ensured.discard((scope, start))
+                continue
+            await self._run(
+                "UPDATE budget_spend SET spent_pusd = GREATEST(spent_pusd, (SELECT COALESCE(SUM(cost_pusd), 0) "
+                "FROM usage_records WHERE team = %(team)s AND (%(app)s = '' OR app = %(app)s) "
+                "AND started_at >= %(start)s AND started_at < %(end)s)) "
+                "WHERE scope = %(scope)s AND period_start = %(start)s",
+                {"team": team, "app": app, "start": start, "end": w.end_ts, "scope": scope},
+            )
 
     async def expire(self) -> None:
         """Release holds whose replica died before settling them."""
@@ -379,6 +408,7 @@ class BudgetGuard:
             try:
                 await self._sync()
                 await self.reservations.expire()
+                await self.reservations.reconcile()
             except (LedgerError, OSError) as exc:
                 log.warning("budget state not refreshed: %s", exc)
 
@@ -427,7 +457,8 @@ class BudgetGuard:
         if not budgets:
             return None
         estimate = self.worst_case_pusd(ctx)
-        windows = self.tracker.current()
+        # The periods of the request's own start time, which its ledger record will carry too.
+        windows = self.tracker.current(ctx.started_at)
         reservation = Reservation()
         for budget in budgets:
             w = windows[budget.period]
@@ -455,7 +486,8 @@ class BudgetGuard:
         assert ctx.route is not None and ctx.facts is not None
         body_bytes = len(ctx.raw_body) if ctx.raw_body is not None else 0
         input_tokens = -(-(body_bytes // 3 + 16) // 256) * 256
-        output = ctx.facts.max_output_tokens or self.config.budget_defaults.default_max_output_tokens
+        cap = ctx.facts.max_output_tokens or self.config.budget_defaults.default_max_output_tokens
+        output = cap * ctx.facts.choices  # every choice (OpenAI n, Gemini candidateCount) is billed
         upstream = ctx.route.upstream
         model = upstream.pricing_model(ctx.route.upstream_model)
         key = (upstream.name, model, input_tokens, output)
@@ -505,7 +537,18 @@ class BudgetGuard:
         if isinstance(self.reservations, LocalReservations):
             self.reservations.release(hold)
         else:
-            self._spawn(self.reservations.settle(hold, actual_pusd))
+            self._spawn(self._settle_shared(self.reservations, hold, actual_pusd))
+
+    @staticmethod
+    async def _settle_shared(reservations: SharedReservations, hold: Hold, actual_pusd: int) -> None:
+        for attempt in range(5):
+            try:
+                await reservations.settle(hold, actual_pusd)
+                return
+            except LedgerError:
+                if attempt == 4:
+                    raise  # logged by _settled; reconcile() restores the spend from the ledger
+                await asyncio.sleep(0.2 * 2**attempt)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)

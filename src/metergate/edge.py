@@ -32,11 +32,12 @@ class AsgiResponder:
     a task waits on `receive()`, which returns `http.disconnect` once the connection is lost.
     """
 
-    __slots__ = ("_cycle", "_gone", "_send", "_watch")
+    __slots__ = ("_cycle", "_gone", "_send", "_watch", "started")
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self._send = send
         self._gone = False
+        self.started = False
         cycle = getattr(receive, "__self__", None)
         self._cycle = cycle if isinstance(getattr(cycle, "disconnected", None), bool) else None
         self._watch = None if self._cycle is not None else asyncio.ensure_future(self._wait_for_disconnect(receive))
@@ -55,6 +56,7 @@ class AsgiResponder:
         return self._gone
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def send(self, body: bytes, more: bool = False) -> None:

@@ -13,6 +13,7 @@ Accounting rules enforced here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -73,6 +74,7 @@ _DROP_RESPONSE = frozenset(
         "trailer",
     }
 )
+_DROP_RESPONSE_BYTES = frozenset(h.encode() for h in _DROP_RESPONSE)
 COST_HEADER = b"x-metergate-cost-usd"
 REQUEST_ID_HEADER = b"x-metergate-request-id"
 _JSON = [(b"content-type", b"application/json")]
@@ -94,6 +96,11 @@ class Responder(Protocol):
 
     @property
     def disconnected(self) -> bool: ...
+
+    @property
+    def started(self) -> bool:
+        """The response's status line is out; an error can no longer be a status code."""
+        ...
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
 
@@ -128,6 +135,9 @@ class RequestContext:
     raw_body: bytes | None = None
     ttft: float | None = None
     reservation: object | None = None
+    sent_upstream: bool = False  # the provider may have billed something from here on
+    stream_meter: StreamMeter | None = None
+    emitted: bool = False
 
     @property
     def family(self) -> Family:
@@ -208,6 +218,17 @@ class Gateway:
         self.in_flight += 1
         try:
             await self._handle(req, out, ctx)
+        except asyncio.CancelledError:
+            # Shutdown gave up waiting for this request: record what is known before the task ends.
+            self._emit_unfinished(ctx, 499, "cancelled")
+            raise
+        except Exception:
+            log.exception("request %s failed inside the gateway", ctx.request_id)
+            self._emit_unfinished(ctx, 500, "gateway_error")
+            if not out.started:
+                with contextlib.suppress(Exception):
+                    err = GatewayError(500, "gateway_error", "metergate failed on this request.")
+                    await self._send_error(out, ctx.family, err, ctx.request_id)
         finally:
             self.in_flight -= 1
 
@@ -300,6 +321,7 @@ class Gateway:
         headers.append(("accept-encoding", "identity"))
         headers.extend(upstream.auth_headers().items())
         session = self._sessions[upstream.name]
+        ctx.sent_upstream = True
         try:
             response = await session.request(req.method, url, data=body, headers=headers)
         except TimeoutError:
@@ -327,7 +349,7 @@ class Gateway:
             )
             if streamed:
                 sse = "text/event-stream" in content_type
-                meter = API_ADAPTERS[ctx.family].stream_meter(endpoint, facts, sse)
+                meter = ctx.stream_meter = API_ADAPTERS[ctx.family].stream_meter(endpoint, facts, sse)
                 return await self._relay_stream(out, ctx, response, meter)
             return await self._relay_body(out, ctx, response)
 
@@ -529,6 +551,9 @@ class Gateway:
 
     def _emit(self, record: UsageRecord, ctx: RequestContext) -> None:
         """Count a finished request everywhere it must be counted, exactly once."""
+        if ctx.emitted:
+            return
+        ctx.emitted = True
         self.meter.record(record)
         if self.admission is not None:
             self.admission.settle(ctx.reservation, record)
@@ -540,10 +565,27 @@ class Gateway:
 
     async def _fail(self, out: Responder, ctx: RequestContext, err: GatewayError) -> UsageRecord:
         record = self._record(ctx, err.status, Usage(), err.error_type, stream=bool(ctx.facts and ctx.facts.stream))
-        await self._send_error(out, ctx.family, err, ctx.request_id)
+        # Once the request went out, the provider may have billed work whose usage never reached us.
+        record.metered = not ctx.sent_upstream
         record.latency_s = time.perf_counter() - ctx.started
-        self._emit(record, ctx)
+        self._emit(record, ctx)  # before writing: a client gone mid-write must not lose the record
+        await self._send_error(out, ctx.family, err, ctx.request_id)
         return record
+
+    def _emit_unfinished(self, ctx: RequestContext, code: int, error_type: str) -> None:
+        """Record a request the gateway could not finish, with whatever usage the provider reported so far."""
+        if ctx.emitted:
+            return
+        usage = Usage()
+        if ctx.stream_meter is not None:
+            with contextlib.suppress(UsageError):
+                usage = ctx.stream_meter.usage()
+        record = self._record(ctx, code, usage, error_type, stream=bool(ctx.facts and ctx.facts.stream))
+        # Unfinished after the request went out: the provider's final bill is unknown.
+        record.metered = not ctx.sent_upstream
+        record.latency_s = time.perf_counter() - ctx.started
+        record.ttft_s = ctx.ttft
+        self._emit(record, ctx)
 
     async def _send_error(self, out: Responder, family: Family, err: GatewayError, request_id: str | None) -> None:
         headers = [*_JSON, *((k.encode(), v.encode()) for k, v in err.headers.items())]
@@ -592,11 +634,8 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 
 def _relay_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-    return [
-        (k.lower().encode("latin-1"), v.encode("latin-1"))
-        for k, v in response.headers.items()
-        if k.lower() not in _DROP_RESPONSE
-    ]
+    # The raw bytes as the provider sent them: decoding and re-encoding could fail on a non-Latin-1 value.
+    return [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in _DROP_RESPONSE_BYTES]
 
 
 def _upstream_error_type(status: int) -> str:

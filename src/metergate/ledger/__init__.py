@@ -77,6 +77,8 @@ class Ledger:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metergate-ledger")
         self._store: Store | None = None
         self._pending: list[tuple[Any, ...]] = []
+        # The batch being written; if shutdown cuts the write short it is spooled, not lost (replay is idempotent).
+        self._inflight: list[tuple[Any, ...]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.spool = Spool(default_spool_path(config), config.spool_max_records)
@@ -99,6 +101,9 @@ class Ledger:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._task, flush_timeout_s)
+        if self._inflight:
+            self.spool.add(self._inflight)
+            self._inflight = []
         if self._pending:
             self.spool.add(self._pending)
             self._pending = []
@@ -169,9 +174,11 @@ class Ledger:
         if not self._pending:
             return True
         batch, self._pending = self._pending, []
+        self._inflight = batch
         store = await self._ensure_store()
         if store is None:
             self.spool.add(batch)
+            self._inflight = []
             return False
         try:
             for chunk in _chunks(batch, 5000):
@@ -180,11 +187,40 @@ class Ledger:
             self.write_errors += 1
             self._reset_store(store)
             self.spool.add(batch)  # idempotent on request_id: rows already written are skipped on replay
+            self._inflight = []
             self._report_down(exc)
             return False
+        self._inflight = []
         self.written += len(batch)
         self.up = True
         return True
+
+    async def flush_then(self, query: Callable[[Store], T]) -> T:
+        """Write everything submitted so far, then run `query`, with no other write in between.
+
+        The pending batch is taken before the first await, so a caller that snapshots its own state right before
+        calling knows exactly which records the query sees: those submitted before the call (earlier batches are
+        ahead of this one on the ledger's single thread). Raises LedgerError if the write fails (the batch is
+        spooled).
+        """
+        batch, self._pending = self._pending, []
+        store = await self._ensure_store()
+        if store is None:
+            self.spool.add(batch)
+            raise LedgerError(f"the ledger database is not available: {_redact(self.config.url)}")
+
+        def write_then_query() -> T:
+            store.write(batch)
+            return query(store)
+
+        try:
+            result = await self.call(write_then_query)
+        except LedgerError:
+            self.spool.add(batch)
+            self._reset_store(store)
+            raise
+        self.written += len(batch)
+        return result
 
     async def _replay_spool(self) -> bool:
         store = await self._ensure_store()

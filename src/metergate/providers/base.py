@@ -30,6 +30,7 @@ class RequestFacts:
     # OpenAI chat/completions streams: the client did not ask for the usage chunk, so the gateway asks for it
     # upstream and hides it from the client.
     inject_stream_usage: bool = False
+    choices: int = 1  # completions generated per request (OpenAI n / best_of, Gemini candidateCount)
 
 
 class StreamMeter(ABC):

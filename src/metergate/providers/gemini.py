@@ -161,10 +161,14 @@ class GeminiApi(ApiAdapter):
         assert path_model is not None  # Gemini routes always carry the model in the path
         config = body.get("generationConfig")
         cap = config.get("maxOutputTokens") if isinstance(config, dict) else None
+        candidates = config.get("candidateCount") if isinstance(config, dict) else None
         return RequestFacts(
             model=path_model,
             stream=endpoint.operation == "stream_generate",
             max_output_tokens=cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None,
+            choices=candidates
+            if isinstance(candidates, int) and not isinstance(candidates, bool) and candidates > 0
+            else 1,
         )
 
     def upstream_body(self, body: dict[str, Any], facts: RequestFacts, upstream_model: str | None) -> dict[str, Any]:

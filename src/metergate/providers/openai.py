@@ -225,11 +225,13 @@ class OpenAIApi(ApiAdapter):
         if stream and endpoint.operation in ("chat", "completions"):
             options = body.get("stream_options")
             inject = not (isinstance(options, dict) and options.get("include_usage") is True)
+        n = max(_positive(body.get("n")), _positive(body.get("best_of")))
         return RequestFacts(
             model=model,
             stream=stream,
             max_output_tokens=cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None,
             inject_stream_usage=inject,
+            choices=n,
         )
 
     def upstream_body(self, body: dict[str, Any], facts: RequestFacts, upstream_model: str | None) -> dict[str, Any]:
@@ -251,6 +253,10 @@ class OpenAIApi(ApiAdapter):
         if endpoint.operation == "responses":
             return ResponsesStreamMeter()
         return ChatStreamMeter(hide_usage=facts.inject_stream_usage)
+
+
+def _positive(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
 class OpenAIUpstream(Upstream):

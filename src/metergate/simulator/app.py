@@ -11,11 +11,12 @@ import re
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
 from metergate.simulator import anthropic, gemini, openai
-from metergate.simulator.plan import Bill, Billed, make_plan
+from metergate.simulator.plan import RESPONSE_HEADER, Bill, Billed, make_plan
 from metergate.simulator.wire import Wire
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -129,7 +130,11 @@ class SimulatedProvider:
             bill.planned = Billed()
             await self._error(wire, family, status, f"Simulated failure {status}.")
             return
-        wire = Wire(send, plan.chunk_delay_s)
+        extra = {}
+        if RESPONSE_HEADER in headers:
+            name, _, value = headers[RESPONSE_HEADER].partition("=")
+            extra[name] = unquote(value)
+        wire = Wire(send, plan.chunk_delay_s, extra)
         await self._answer(family, api, model, query, body, plan, bill, wire)
 
     async def _answer(

@@ -23,6 +23,7 @@ CHUNKS = "x-sim-chunks"  # content events in a stream
 DELAY_MS = "x-sim-delay-ms"  # before the response starts
 CHUNK_DELAY_MS = "x-sim-chunk-delay-ms"  # between stream events
 FAIL = "x-sim-fail"  # see Plan.fail
+RESPONSE_HEADER = "x-sim-response-header"  # "name=percent-encoded value": added to the response (UTF-8)
 LEGACY_DELTA = "x-sim-legacy-delta"  # "1": Anthropic message_delta carries output_tokens only (older API versions)
 
 

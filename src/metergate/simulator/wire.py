@@ -27,9 +27,10 @@ def pretty(obj: Any) -> bytes:
 
 
 class Wire:
-    def __init__(self, send: Send, chunk_delay_s: float = 0.0) -> None:
+    def __init__(self, send: Send, chunk_delay_s: float = 0.0, extra_headers: dict[str, str] | None = None) -> None:
         self._send = send
         self._chunk_delay_s = chunk_delay_s
+        self._extra = extra_headers or {}
         self.events_sent = 0
 
     async def json(
@@ -46,7 +47,7 @@ class Wire:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", b"application/json"), *_encode(headers)],
+                "headers": [(b"content-type", b"application/json"), *_encode({**(headers or {}), **self._extra})],
             }
         )
         await self._send({"type": "http.response.body", "body": body})
@@ -56,7 +57,7 @@ class Wire:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", content_type.encode()), *_encode(headers)],
+                "headers": [(b"content-type", content_type.encode()), *_encode({**(headers or {}), **self._extra})],
             }
         )
 
