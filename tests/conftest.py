@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +225,19 @@ def expected(bills: list[Bill], model: str) -> tuple[Billed, Decimal]:
         )
         money += cost(model, r)
     return total, money
+
+
+def system_tool(name: str) -> str:
+    """The path of a Debian-packaged tool the tests run for real; fails (never skips) when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        package = "prometheus-alertmanager" if name in ("alertmanager", "amtool") else "prometheus"
+        pytest.fail(
+            f"`{name}` is not installed: this test runs the real tool. Install Debian's {package} "
+            f"(`make system-deps`, scripts/install-system-deps.sh, or `apt-get install {package}`).",
+            pytrace=False,
+        )
+    return path
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]

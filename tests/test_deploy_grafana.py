@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.conftest import system_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -347,9 +348,7 @@ def test_substitute() -> None:
 @pytest.mark.parametrize("uid", [OVERVIEW, CHARGEBACK])
 def test_every_query_is_valid_promql(boards: dict[str, dict[str, Any]], uid: str, tmp_path: Path) -> None:
     """Each query, variables substituted, as a recording rule: promtool parses every expression."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (make test installs it)")
+    promtool = system_tool("promtool")
     values = {"team": "search", "app": "ranker|agent", "usd_per_token": "0.00002"}
     rules = []
     for i, (title, expr) in enumerate(gen.panel_queries(boards[uid])):

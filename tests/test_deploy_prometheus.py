@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import system_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROM = DEPLOY / "prometheus"
@@ -61,18 +63,6 @@ CONTRACT_RECORDING_RULES = {
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        package = "prometheus" if name in ("promtool", "prometheus") else "prometheus-alertmanager"
-        pytest.fail(
-            f"`{name}` is not installed: these tests run the real tool. Install Debian's {package} "
-            f"(`make system-deps`, or `apt-get install {package}`).",
-            pytrace=False,
-        )
-    return path
 
 
 def run(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -135,14 +125,14 @@ def configmap_config(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("name", ["prometheus.yml", "prometheus.local.yml"])
 def test_promtool_check_config(name: str) -> None:
     # Also checks every rule file the config names.
-    assert_ok(run(tool("promtool"), "check", "config", PROM / name))
+    assert_ok(run(system_tool("promtool"), "check", "config", PROM / name))
 
 
 def test_promtool_check_config_kubernetes(tmp_path: Path) -> None:
     """prometheus.k8s.yml: with promtool when it knows Kubernetes discovery; Debian's promtool is built without it,
     so then the file is checked without the kubernetes_sd_configs block (relabelling and the rest still by
     promtool) and the discovery block field by field."""
-    promtool = tool("promtool")
+    promtool = system_tool("promtool")
     source = PROM / "prometheus.k8s.yml"
     result = run(promtool, "check", "config", source)
     config = load(source)
@@ -198,12 +188,12 @@ def test_prometheus_configs_agree(name: str, gateway: str | None, alertmanager: 
 
 
 def test_promtool_check_rules() -> None:
-    assert_ok(run(tool("promtool"), "check", "rules", *RULES))
+    assert_ok(run(system_tool("promtool"), "check", "rules", *RULES))
 
 
 def test_promtool_test_rules() -> None:
     assert RULE_TESTS, "no promtool tests in deploy/prometheus/tests"
-    assert_ok(run(tool("promtool"), "test", "rules", *RULE_TESTS))
+    assert_ok(run(system_tool("promtool"), "test", "rules", *RULE_TESTS))
 
 
 def test_recording_rules_are_the_contract() -> None:
@@ -293,7 +283,7 @@ def test_seed_query_is_tested() -> None:
 
 
 def test_amtool_check_config() -> None:
-    assert_ok(run(tool("amtool"), "check-config", ALERTMANAGER))
+    assert_ok(run(system_tool("amtool"), "check-config", ALERTMANAGER))
 
 
 @pytest.mark.parametrize(
@@ -309,7 +299,7 @@ def test_amtool_check_config() -> None:
 )
 def test_alertmanager_routes(labels: list[str], receivers: str) -> None:
     result = run(
-        tool("amtool"),
+        system_tool("amtool"),
         "config",
         "routes",
         "test",

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import math
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 
 from metergate.simulator import Bill, SimulatorThread, free_port
-from tests.conftest import KEYS, Gateway, make_gateway
+from tests.conftest import KEYS, Gateway, make_gateway, system_tool
 from tests.pricesheet import PRICES, cost
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,23 +137,12 @@ def write_compressed_rules(out_dir: Path) -> list[Path]:
         written.append(target)
     assert written, f"no rule files in {RULES_DIR}"
     result = subprocess.run(
-        [tool("promtool"), "check", "rules", *map(str, written)], capture_output=True, text=True, timeout=60
+        [system_tool("promtool"), "check", "rules", *map(str, written)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, (
         f"promtool check rules failed on the compressed rules:\n{result.stdout}{result.stderr}"
     )
     return written
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(
-            f"`{name}` is not installed: this test runs a real Prometheus. Install Debian's prometheus "
-            "(`make system-deps`, scripts/install-system-deps.sh, or `apt-get install prometheus`).",
-            pytrace=False,
-        )
-    return path
 
 
 # --- Prometheus ----------------------------------------------------------------------------------------------------
@@ -212,7 +200,7 @@ class Prometheus:
 
 
 def start_prometheus(tmp: Path, targets: list[str]) -> Prometheus:
-    binary = tool("prometheus")
+    binary = system_tool("prometheus")
     rules = write_compressed_rules(tmp / "rules")
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -223,7 +211,7 @@ def start_prometheus(tmp: Path, targets: list[str]) -> Prometheus:
     config_path = tmp / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     checked = subprocess.run(
-        [tool("promtool"), "check", "config", str(config_path)], capture_output=True, text=True, timeout=60
+        [system_tool("promtool"), "check", "config", str(config_path)], capture_output=True, text=True, timeout=60
     )
     assert checked.returncode == 0, f"promtool check config:\n{checked.stdout}{checked.stderr}"
     listen = f"127.0.0.1:{free_port()}"
@@ -407,7 +395,7 @@ def midday_timezone() -> str:
 
 @pytest.fixture(scope="module")
 def stack(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tool("prometheus")  # fail first, with the message, when it is missing
+    system_tool("prometheus")  # fail first, with the message, when it is missing
     tmp = tmp_path_factory.mktemp("prometheus-integration")
     run = uuid.uuid4().hex[:8]
     tags = {team: f"prom-{run}-{team}" for team in (WARN_TEAM, OVER_TEAM, SPIKE_TEAM)}
@@ -456,7 +444,7 @@ def stack(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) 
 def test_prometheus_is_installed() -> None:
     """Never skipped: without Debian's prometheus this fails (and so does every test below, in setup)."""
     for name in ("prometheus", "promtool"):
-        tool(name)
+        system_tool(name)
 
 
 def test_time_compression_rewrites_every_duration() -> None:

@@ -1,15 +1,14 @@
 """Usage parsing and stream metering, checked against bytes the providers really sent.
 
-Fixtures are copied byte for byte from the captures collected in /tmp/research/wire-formats.md (or, where that
-document elides part of a frame, from the capture it cites); the comment above each one names its source. A
-fixture marked "(shape)" has no public capture: it was written from the provider's documented schema and says so.
+Fixtures are copied byte for byte from public captures (provider docs, SDK and gateway test cassettes, recorded
+streams); the comment above each one names its source: a repository or document, and `idx N`, the id of the
+stored copy in the public-reference index the captures were collected from. `wire-formats.md §N` is the section of
+the research notes (kept outside the repository) that gathered them by API. A fixture marked "(shape)" has no public
+capture: it was written from the provider's documented schema and says so.
 
 Streams are fed to the meters cut at every byte offset (see `splits`), because upstream chunks arrive cut anywhere,
 and what the meter relays (every `feed` result, then `flush` at the end; see `relay`) is compared with exactly what
 the client must receive.
-
-Tests marked `xfail(strict=True)` with a `# BUG:` comment assert the correct behaviour and fail today because of a
-bug in src/; they turn into failures (XPASS) once it is fixed, so the marker gets removed.
 """
 
 # The captures are kept one wire line per source line, so they can be diffed against where they came from.
