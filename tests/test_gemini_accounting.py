@@ -8,6 +8,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from metergate.simulator import Bill, SimulatorThread
 from tests.conftest import KEYS, Gateway, assert_metered, wait_for
 from tests.pricesheet import cost
 
@@ -80,16 +81,17 @@ def test_stream_generate_content_counts_the_last_running_total(
     assert_metered(gateway, before, simulator.app.billed(tag), MODEL, team="ads", app="bidder")
 
 
-def test_embeddings_are_counted_with_count_tokens(gateway: Gateway, simulator, tag: str) -> None:
-    before = gateway.metrics()
+def embed_both(gw: Gateway, tag: str, **headers: str) -> tuple[httpx.Response, httpx.Response]:
+    """One `:embedContent` and one `:batchEmbedContents` of three documents."""
     one = post(
-        gateway,
+        gw,
         "/v1beta/models/gemini-embedding-001:embedContent",
         tag,
         body={"content": {"parts": [{"text": "a document to embed"}]}},
+        **headers,
     )
     batch = post(
-        gateway,
+        gw,
         "/v1beta/models/gemini-embedding-001:batchEmbedContents",
         tag,
         body={
@@ -98,16 +100,48 @@ def test_embeddings_are_counted_with_count_tokens(gateway: Gateway, simulator, t
                 for t in ("first", "second", "third document")
             ]
         },
+        **headers,
     )
     assert one.status_code == batch.status_code == 200
-    embeds = [
+    return one, batch
+
+
+def embedding_bills(simulator: SimulatorThread, tag: str) -> list[Bill]:
+    bills = [
         b
         for b in simulator.app.billed()
         if b.api in ("gemini.embedContent", "gemini.batchEmbedContents") and b.tag == tag
     ]
-    assert len(embeds) == 2
+    assert len(bills) == 2
+    return bills
+
+
+def count_tokens_calls(simulator: SimulatorThread) -> int:
+    return sum(1 for b in simulator.app.billed() if b.api == "gemini.countTokens")
+
+
+def test_embeddings_are_counted_from_their_usage_metadata(gateway: Gateway, simulator, tag: str) -> None:
+    before, counted = gateway.metrics(), count_tokens_calls(simulator)
+    one, batch = embed_both(gateway, tag)
+    assert one.json()["usageMetadata"]["promptTokenCount"] > 0  # relayed untouched
+    bills = embedding_bills(simulator, tag)
     assert wait_for(lambda: gateway.metrics().delta(before, "llm_requests_total", model="gemini-embedding-001") == 2)
-    assert_metered(gateway, before, embeds, "gemini-embedding-001", team="ads")
+    assert_metered(gateway, before, bills, "gemini-embedding-001", team="ads")
+    assert count_tokens_calls(simulator) == counted  # the reported figure is used; no extra call upstream
+    # Known at once, so the response says what it cost, like every other priced response.
+    for response, bill in zip((one, batch), sorted(bills, key=lambda b: b.api != "gemini.embedContent"), strict=True):
+        assert Decimal(response.headers["x-metergate-cost-usd"]) == cost("gemini-embedding-001", bill.reported)
+
+
+def test_embeddings_without_usage_are_counted_with_count_tokens(gateway: Gateway, simulator, tag: str) -> None:
+    # Responses from before EmbeddingUsageMetadata existed: the free countTokens measures the same content.
+    before, counted = gateway.metrics(), count_tokens_calls(simulator)
+    one, batch = embed_both(gateway, tag, **{"x-sim-fail": "no-usage"})
+    assert "usageMetadata" not in one.json() and "usageMetadata" not in batch.json()
+    bills = embedding_bills(simulator, tag)
+    assert wait_for(lambda: gateway.metrics().delta(before, "llm_requests_total", model="gemini-embedding-001") == 2)
+    assert_metered(gateway, before, bills, "gemini-embedding-001", team="ads")
+    assert count_tokens_calls(simulator) == counted + 2
 
 
 def test_upstream_error_keeps_gemini_shape(gateway: Gateway, simulator, tag: str) -> None:

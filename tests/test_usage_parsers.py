@@ -25,9 +25,17 @@ from typing import Any
 import orjson
 import pytest
 
+from metergate.endpoints import match_endpoint
 from metergate.providers.anthropic import MessagesStreamMeter, parse_anthropic_stream, parse_anthropic_usage
 from metergate.providers.base import StreamMeter
-from metergate.providers.gemini import GeminiArrayMeter, GeminiSSEMeter, parse_gemini_stream, parse_gemini_usage
+from metergate.providers.gemini import (
+    GeminiApi,
+    GeminiArrayMeter,
+    GeminiSSEMeter,
+    parse_gemini_embedding_usage,
+    parse_gemini_stream,
+    parse_gemini_usage,
+)
 from metergate.providers.openai import (
     ChatStreamMeter,
     ResponsesStreamMeter,
@@ -589,6 +597,51 @@ def test_gemini_audio_prompt_tokens_are_counted() -> None:
         "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 15}, {"modality": "AUDIO", "tokenCount": 25}],
     }
     assert parse_gemini_usage(meta) == Usage(input_tokens=40, output_tokens=5, input_audio_tokens=25)
+
+
+# (shape) EmbedContentResponse / BatchEmbedContentsResponse `usageMetadata` (EmbeddingUsageMetadata, Gemini API
+# reference; JSON as in googleai_dart's embedding_usage_metadata test, idx 53207282072): `promptTokenDetails` has a
+# singular "Token", unlike generateContent's `promptTokensDetails`.
+GEMINI_EMBEDDING_USAGE = {
+    "promptTokenCount": 15,
+    "promptTokenDetails": [{"modality": "TEXT", "tokenCount": 10}, {"modality": "AUDIO", "tokenCount": 5}],
+}
+
+
+def test_gemini_embedding_usage_is_input_only() -> None:
+    assert parse_gemini_embedding_usage(GEMINI_EMBEDDING_USAGE) == Usage(input_tokens=15, input_audio_tokens=5)
+    assert parse_gemini_embedding_usage({"promptTokenCount": 7}) == Usage(input_tokens=7)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {},
+        {"promptTokenDetails": [{"modality": "TEXT", "tokenCount": 3}]},
+        {"promptTokenCount": "7"},
+        {"promptTokenCount": -1},
+    ],
+)
+def test_gemini_embedding_usage_without_a_count_is_not_billable(meta: dict[str, object]) -> None:
+    with pytest.raises(UsageError):
+        parse_gemini_embedding_usage(meta)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1beta/models/gemini-embedding-001:embedContent", {"embedding": {"values": [0.1]}}),
+        ("/v1beta/models/gemini-embedding-001:batchEmbedContents", {"embeddings": [{"values": [0.1]}]}),
+    ],
+)
+def test_gemini_embedding_response_usage(path: str, body: dict[str, object]) -> None:
+    match = match_endpoint("POST", path)
+    assert match is not None
+    # Older responses carry no usage: the gateway then asks countTokens (tests/test_gemini_accounting.py).
+    with pytest.raises(UsageError):
+        GeminiApi().usage_from_body(match.endpoint, body)
+    reported = {**body, "usageMetadata": GEMINI_EMBEDDING_USAGE}
+    assert GeminiApi().usage_from_body(match.endpoint, reported) == Usage(input_tokens=15, input_audio_tokens=5)
 
 
 def test_integral_floats_are_token_counts() -> None:

@@ -484,7 +484,7 @@ class Gateway:
         return record
 
     async def _count_then_record(self, ctx: RequestContext, record: UsageRecord) -> None:
-        """Gemini embeddings report no usage: ask the provider's free countTokens for the same content."""
+        """A Gemini embedding response without usage (older API): ask the free countTokens for the same content."""
         assert ctx.route is not None and ctx.body is not None
         upstream = ctx.route.upstream
         body = GeminiApi.token_count_body(ctx.match.endpoint, ctx.body)

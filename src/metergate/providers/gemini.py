@@ -3,8 +3,10 @@
 Usage rules: `promptTokenCount` already includes `cachedContentTokenCount`; billed output is
 `candidatesTokenCount + thoughtsTokenCount`; `toolUsePromptTokenCount` is billed as input. Streamed chunks
 carry running totals, so the last `usageMetadata` seen is the usage, never a sum. `:streamGenerateContent`
-without `alt=sse` answers one JSON array written incrementally. Embedding responses carry no token counts on
-the Developer API, so the gateway asks the free `:countTokens` method for the same content instead.
+without `alt=sse` answers one JSON array written incrementally. Embedding responses carry an
+`EmbeddingUsageMetadata` (`promptTokenCount`, with `promptTokenDetails` per modality: singular "Token", unlike
+generateContent); responses from before that field existed carry none, and then the gateway asks the free
+`:countTokens` method for the same content instead.
 """
 
 from __future__ import annotations
@@ -57,6 +59,22 @@ def parse_gemini_usage(meta: Mapping[str, Any]) -> Usage:
         input_audio_tokens=min(audio_in, prompt),
         service_tier=tier_of(meta.get("serviceTier")),
     )
+
+
+def parse_gemini_embedding_usage(meta: Mapping[str, Any]) -> Usage:
+    """An embedding's `usageMetadata`: input only, and without `promptTokenCount` there is nothing to bill from."""
+    if meta.get("promptTokenCount") is None:
+        raise UsageError("the embedding usageMetadata has no promptTokenCount")
+    prompt = count(meta.get("promptTokenCount"), "promptTokenCount")
+    details = meta.get("promptTokenDetails") or []
+    if not isinstance(details, list):
+        raise UsageError("promptTokenDetails is not a list")
+    audio_in = sum(
+        count(item.get("tokenCount"), "promptTokenDetails.tokenCount")
+        for item in details
+        if isinstance(item, Mapping) and item.get("modality") == "AUDIO"
+    )
+    return Usage(input_tokens=prompt, input_audio_tokens=min(audio_in, prompt))
 
 
 def _usage_metadata(obj: Any) -> Mapping[str, Any] | None:
@@ -187,6 +205,8 @@ class GeminiApi(ApiAdapter):
         meta = _usage_metadata(require_dict(body, "response"))
         if meta is None:
             raise UsageError("the response has no usageMetadata")
+        if endpoint.operation in ("embed", "batch_embed"):
+            return parse_gemini_embedding_usage(meta)
         return parse_gemini_usage(meta)
 
     def stream_meter(self, endpoint: Endpoint, facts: RequestFacts, sse: bool) -> StreamMeter:
@@ -194,7 +214,7 @@ class GeminiApi(ApiAdapter):
 
     @staticmethod
     def token_count_body(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The `:countTokens` body measuring an embedding request's input, whose response reports no usage."""
+        """The `:countTokens` body measuring an embedding request's input, for responses that report no usage."""
         if endpoint.operation == "embed":
             content = body.get("content")
             return {"contents": [content]} if isinstance(content, dict) else None

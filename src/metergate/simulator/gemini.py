@@ -129,7 +129,7 @@ async def generate(body: dict[str, Any], model: str, plan: Plan, bill: Bill, wir
 
 
 async def embed(body: dict[str, Any], plan: Plan, bill: Bill, wire: Wire, *, batch: bool) -> None:
-    """Embedding responses carry no token counts, as on the real Developer API."""
+    """Embeddings report `usageMetadata.promptTokenCount`; `no-usage` answers as responses did before that field."""
     if batch:
         requests = body.get("requests") or []
         tokens = sum(content_tokens(r.get("content")) for r in requests if isinstance(r, dict))
@@ -137,6 +137,11 @@ async def embed(body: dict[str, Any], plan: Plan, bill: Bill, wire: Wire, *, bat
     else:
         tokens = content_tokens(body.get("content"))
         response = {"embedding": {"values": [0.01] * 8}}
+    if plan.fail != "no-usage":
+        response["usageMetadata"] = {
+            "promptTokenCount": tokens,
+            "promptTokenDetails": [{"modality": "TEXT", "tokenCount": tokens}],
+        }
     bill.planned = bill.reported = Billed(input=tokens)
     await wire.json(200, response, indent=True)
     bill.completed = True
