@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from metergate.config import Config
 
@@ -42,6 +42,13 @@ def presented_key(headers: Mapping[str, str], query: str) -> str | None:
             if name == "key" and value:
                 return value
     return None
+
+
+def query_without_key(query: str) -> str:
+    """The query string to forward: a `?key=` credential is the client's gateway key and never leaves the gateway."""
+    if "key=" not in query:
+        return query
+    return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "key"])
 
 
 class KeyRing:

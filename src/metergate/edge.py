@@ -8,7 +8,7 @@ routes and every microsecond here is added to every LLM call (see benchmarks/REA
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from prometheus_client import make_asgi_app
@@ -80,8 +80,8 @@ class ApiApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        body, too_large = await self._read_body(headers, receive)
+        headers = request_headers(scope["headers"])
+        body, too_large, incomplete = await self._read_body(headers, receive)
         path: str = scope["path"]
         if self.admin is not None and path.startswith("/admin/"):
             status, payload, content_type = await self.admin.handle(
@@ -99,6 +99,7 @@ class ApiApp:
             headers=headers,
             body=body,
             body_too_large=too_large,
+            body_incomplete=incomplete,
         )
         responder = AsgiResponder(receive, send)
         try:
@@ -106,25 +107,43 @@ class ApiApp:
         finally:
             responder.close()
 
-    async def _read_body(self, headers: dict[str, str], receive: Receive) -> tuple[bytes, bool]:
+    async def _read_body(self, headers: dict[str, str], receive: Receive) -> tuple[bytes, bool, bool]:
+        """The body, whether it exceeds the limit, and whether the client hung up before sending all of it."""
         limit = self.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return b"", True
+            return b"", True, False
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                return b"".join(chunks), False, True
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                return b"", True
+                return b"", True, False
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
-        return b"".join(chunks) if len(chunks) != 1 else chunks[0], False
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0], False, False
+
+
+def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Header names to values; a repeated header keeps every value, joined with commas (RFC 9110 5.3).
+
+    Values are decoded as UTF-8 because that is how the upstream client encodes them again, so bytes a client
+    sent arrive upstream unchanged; a value that is not UTF-8 falls back to Latin-1, which never fails.
+    """
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        key = name.decode("latin-1").lower()
+        try:
+            text = value.decode()
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return headers
 
 
 class MetricsApp:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from metergate.auth import KeyRing, Principal
+from metergate.auth import KeyRing, Principal, query_without_key
 from metergate.config import Config
 from metergate.endpoints import EndpointMatch, Family, family_for_path, match_endpoint
 from metergate.errors import GatewayError, error_body, stream_error_event
@@ -89,6 +89,7 @@ class InboundRequest:
     headers: dict[str, str]  # lower-case names
     body: bytes
     body_too_large: bool = False
+    body_incomplete: bool = False  # the client hung up before sending all of it
 
 
 class Responder(Protocol):
@@ -245,6 +246,11 @@ class Gateway:
             await self._list_models(out)
             return
         try:
+            if req.body_incomplete:
+                # A cut-off body may still parse as JSON: it is never forwarded, and it is the client's hang-up.
+                raise GatewayError(
+                    499, "client_disconnected", "The client closed the connection before sending the whole body."
+                )
             if req.body_too_large:
                 raise GatewayError(
                     413,
@@ -314,7 +320,7 @@ class Gateway:
             body = orjson.dumps(API_ADAPTERS[ctx.family].upstream_body(ctx.body, facts, new_model))
         else:
             body = req.body  # forwarded byte for byte
-        url = upstream.url(ctx.match, req.path, req.query, route.upstream_model)
+        url = upstream.url(ctx.match, req.path, query_without_key(req.query), route.upstream_model)
         headers = [
             (k, v) for k, v in req.headers.items() if k not in _DROP_REQUEST and not k.startswith("x-metergate-")
         ]

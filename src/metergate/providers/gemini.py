@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
@@ -238,9 +237,8 @@ class GeminiUpstream(Upstream):
     def url(self, match: EndpointMatch, path: str, query: str, upstream_model: str) -> str:
         if match.path_model is not None and upstream_model != match.path_model:
             path = path.replace(f"/models/{match.path_model}:", f"/models/{upstream_model}:", 1)
-        # The client's `?key=` is its gateway key; the provider key travels in a header, never in a URL.
-        params = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "key"]
-        return join_url(self.config.base_url, path, urlencode(params))
+        # The provider key travels in a header, never in a URL (the client's `?key=` was removed before).
+        return join_url(self.config.base_url, path, query)
 
     def count_tokens_url(self, upstream_model: str, version: str) -> str:
         return f"{self.config.base_url}/{version}/models/{upstream_model}:countTokens"

@@ -64,7 +64,10 @@ class SimulatedProvider:
             if not message.get("more_body"):
                 break
         raw = b"".join(chunks)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:  # as received: bytes kept (Latin-1), repeated headers joined
+            key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
         await self._dispatch(scope["method"], scope["path"], scope["query_string"].decode(), headers, raw, send)
 
     async def _dispatch(
@@ -117,7 +120,9 @@ class SimulatedProvider:
         embedding = api.endswith(("embeddings", "embedContent", "batchEmbedContents"))
         plan = make_plan(headers, raw, cap if isinstance(cap, int) else None, embedding=embedding)
         plan.billed = _REPORTABLE["openai" if family == "azure" else family](plan.billed)
-        bill = Bill(api=api, model=model, tag=plan.tag, stream=stream, planned=plan.billed.copy(), headers=headers)
+        bill = Bill(
+            api=api, model=model, tag=plan.tag, stream=stream, planned=plan.billed.copy(), headers=headers, query=query
+        )
         self.bills.append(bill)
         if plan.delay_s:
             await asyncio.sleep(plan.delay_s)

@@ -56,7 +56,8 @@ class Bill:
     reported: Billed = field(default_factory=Billed)
     usage_readable: bool = True  # False when the provider sent garbled usage on purpose
     completed: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # as received (bytes as Latin-1)
+    query: str = ""
 
 
 @dataclass(slots=True)
