@@ -101,7 +101,23 @@ def test_keys_through_the_admin_api(gw: Gateway) -> None:
     assert not works(gw, body["key"])
     assert admin(gw, "DELETE", f"/admin/keys/{body['id']}").status_code == 404
     bad = admin(gw, "POST", "/admin/keys", json={"team": "has spaces", "app": "x"})
-    assert bad.status_code == 400
+    assert bad.status_code == 400 and "team: String should match pattern" in bad.json()["error"]["message"]
+    # Names metergate uses itself for what it cannot attribute are not anyone's.
+    reserved = admin(gw, "POST", "/admin/keys", json={"team": "ml", "app": "unauthenticated"})
+    assert reserved.status_code == 400 and "app: 'unauthenticated' is reserved" in reserved.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("team", "app", "says"),
+    [
+        ("bad team", "x", "team: String should match pattern"),
+        ("other", "x", "team: 'other' is reserved by metergate"),
+        ("ml", "unauthenticated", "app: 'unauthenticated' is reserved by metergate"),
+    ],
+)
+def test_cli_refuses_keys_it_could_not_attribute(gw: Gateway, team: str, app: str, says: str) -> None:
+    result = cli(gw, "keys", "create", "--team", team, "--app", app)
+    assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr
 
 
 def test_openapi_schema_describes_every_route(gw: Gateway) -> None:
@@ -190,3 +206,20 @@ def test_report_refuses_bad_arguments(gw: Gateway) -> None:
     bad = cli(gw, "report", "--from", "2026-11-02", "--to", "2026-11-01")
     assert bad.returncode == 1 and "before" in bad.stderr
     assert cli(gw, "report", "--from", "2026-11-01", "--to", "2026-11-02", "--by", "color").returncode == 1
+    empty = cli(gw, "report", "--from", "2026-11-01", "--to", "2026-11-02", "--by", ",")
+    assert empty.returncode == 1 and "--by needs at least one" in empty.stderr
+    far = cli(gw, "report", "--from", "2026-01-01", "--to", "9999-12-31")
+    assert far.returncode == 1 and "outside the dates" in far.stderr and "Traceback" not in far.stderr
+    assert admin(gw, "GET", "/admin/reports?from=2026-01-01&to=9999-12-31").status_code == 400
+
+
+def test_chargeback_refuses_bad_arguments(gw: Gateway, tmp_path: Path) -> None:
+    for args, says in [
+        (("--month", "9999-12"), "expected a month like 2026-11"),
+        (("--month", "2026-1"), "expected a month like 2026-11"),
+        (("--month", "2026-11", "--format", "json"), "choose markdown or csv"),
+        (("--month", "2026-11", "--output", str(tmp_path / "missing" / "x.md")), "cannot write --output"),
+    ]:
+        result = cli(gw, "chargeback", "--team", "ads", *args)
+        assert result.returncode == 1, args
+        assert says in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)

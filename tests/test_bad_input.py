@@ -141,9 +141,22 @@ def test_unknown_key_is_401_and_attributed_to_no_team(gw: Gateway) -> None:
     assert after.delta(before, "llm_requests_total", team="search") == 0
 
 
-def test_unknown_route_is_404(gw: Gateway) -> None:
-    r = httpx.post(f"{gw.url}/v2/whatever", json={}, headers=gw.headers("search/ranker"))
-    assert r.status_code == 404 and "error" in r.json()
+@pytest.mark.parametrize(
+    ("method", "path", "shape"),
+    [
+        ("POST", "/v2/whatever", lambda b: b["error"]["type"] == "invalid_request_error"),
+        ("GET", "/v1/chat/completions", lambda b: b["error"]["type"] == "invalid_request_error"),
+        ("OPTIONS", "/v1/messages", lambda b: b["type"] == "error" and b["error"]["type"] == "not_found_error"),
+        ("POST", "/v1beta/models/gemini-2.5-flash:fooContent", lambda b: b["error"]["status"] == "NOT_FOUND"),
+    ],
+)
+def test_unknown_route_is_404_counted_under_endpoint_other(gw: Gateway, method: str, path: str, shape) -> None:  # type: ignore[no-untyped-def]
+    before = gw.metrics()
+    r = httpx.request(method, f"{gw.url}{path}", json={}, headers=gw.headers("search/ranker"))
+    assert r.status_code == 404 and shape(r.json())
+    labels = {"team": "search", "app": "ranker", "endpoint": "other", "code": "404"}
+    assert wait_for(lambda: gw.metrics().delta(before, "llm_errors_total", error_type="unknown_route", **labels) == 1)
+    assert gw.metrics().delta(before, "llm_requests_total", **labels) == 1
 
 
 def test_upstream_refuses_connection_is_502(gw: Gateway) -> None:

@@ -263,6 +263,42 @@ def test_budget_field_errors() -> None:
     assert "gw.yaml:54: budgets.1.limit_usd: Input should be greater than 0" in message
 
 
+def test_budget_for_an_app_of_another_team() -> None:
+    # bidder is ads's app (a key says so); search has no such app.
+    message = error_of(replace_line(VALID, 48, "  - team: search\n    app: bidder"))
+    assert "gw.yaml:49: budgets.0.app" in message
+    assert "no key or teams entry gives team 'search' that app" in message
+
+
+def test_price_for_an_unknown_provider() -> None:
+    assert line_of(VALID, "provider: local") == 44
+    message = error_of(replace_line(VALID, 44, "    provider: locl"))
+    assert "gw.yaml:44: prices.0.provider: unknown provider 'locl'" in message
+
+
+def test_pricing_provider_must_be_in_the_catalogue() -> None:
+    assert line_of(VALID, "pricing_provider: groq") == 17
+    message = error_of(replace_line(VALID, 17, "    pricing_provider: grok"))
+    assert "gw.yaml:17: providers.groq.pricing_provider: 'grok' is not a genai-prices provider id" in message
+    assert "groq" in message  # lists what is allowed
+
+
+def test_duplicate_key_id() -> None:
+    text = insert_after(VALID, 34, "    id: ads-key")
+    message = error_of(text)
+    # The second key to take the id is the duplicate.
+    assert f"gw.yaml:{line_of(text, 'id: ads-key', nth=2)}: keys.1.id: duplicate key id 'ads-key'" in message
+
+
+def test_both_listeners_on_one_address() -> None:
+    text = VALID.replace('  listen: "0.0.0.0:8080"', '  listen: "0.0.0.0:8080"\n  metrics_listen: "0.0.0.0:8080"')
+    assert "server.metrics_listen: must differ from server.listen" in error_of(text)
+
+
+def test_reserved_names_in_teams_entries() -> None:
+    assert "teams.0.apps.1: 'other' is reserved" in error_of(VALID.replace("[assistant, triage]", "[assistant, other]"))
+
+
 def test_azure_provider_without_api_version() -> None:
     assert line_of(VALID, "api_version:") == 12
     text = "\n".join(line for line in VALID.splitlines() if "api_version" not in line) + "\n"
@@ -358,6 +394,18 @@ def test_load_config_names_the_file_and_line(tmp_path: Path) -> None:
     assert str(info.value).startswith(f"{path}:4: providers.openai.type")
     path.write_text(VALID)
     assert load_config(str(path)).providers["openai"].type == "openai"
+
+
+def test_load_config_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(VALID.replace("model: fast", "model: caf\xe9").encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{path}:{line_of(VALID, 'model: fast')}: the config is not UTF-8 text"):
+        load_config(path)
+
+
+def test_an_alias_that_contains_itself() -> None:
+    # Walked once per node, not forever: the unknown field is the only problem.
+    assert error_of("a: &a [*a]\n" + VALID) == "gw.yaml:1: a: unknown field"
 
 
 def test_load_config_missing_file(tmp_path: Path) -> None:

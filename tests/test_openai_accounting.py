@@ -186,7 +186,12 @@ def test_alias_is_sent_upstream_as_its_target(gateway: Gateway, simulator, tag: 
 
 
 def test_models_lists_what_routes_allow(gateway: Gateway) -> None:
+    before = gateway.metrics()
     models = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEYS["search/ranker"], max_retries=0).models.list()
+    # Counted like every request that reaches a route, and free.
+    labels = {"team": "search", "app": "ranker", "endpoint": "/v1/models", "code": "200"}
+    assert wait_for(lambda: gateway.metrics().delta(before, "llm_requests_total", **labels) == 1)
+    assert gateway.metrics().delta(before, "llm_total_cost_usd", team="search") == 0
     ids = {m.id for m in models.data}
     assert {"fast", "gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "o4-mini"} <= ids
     assert not any(i.startswith("claude") for i in ids)  # Anthropic models are not served on the OpenAI API

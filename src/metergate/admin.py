@@ -17,12 +17,12 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 import orjson
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from metergate import __version__
 from metergate.auth import Principal
 from metergate.budgets import BudgetGuard
-from metergate.config import LabelValue, hash_key
+from metergate.config import RESERVED_LABELS, LabelValue, hash_key
 from metergate.ledger import ApiKey, Ledger, LedgerError
 from metergate.periods import PERIODS, parse_day
 from metergate.reports import build_report, chargeback_markdown, month_bounds, to_csv
@@ -34,6 +34,22 @@ class KeyCreate(BaseModel):
     team: LabelValue
     app: LabelValue
     name: str = Field(default="", max_length=200)
+
+    @field_validator("team", "app")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_LABELS:
+            raise ValueError(f"{value!r} is reserved by metergate")
+        return value
+
+
+def explain_invalid(exc: ValidationError) -> str:
+    """Every problem, each naming its field: pydantic's first line only says which model failed."""
+    problems = []
+    for err in exc.errors():
+        field = ".".join(map(str, err["loc"])) or "body"
+        problems.append(f"{field}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
 
 
 class KeyInfo(BaseModel):
@@ -131,7 +147,7 @@ class AdminApi:
             try:
                 status, payload, content_type = await handler(params, body, args)
             except (ValueError, ValidationError) as exc:
-                return _error(400, str(exc).splitlines()[0] if isinstance(exc, ValidationError) else str(exc))
+                return _error(400, explain_invalid(exc) if isinstance(exc, ValidationError) else str(exc))
             except LedgerError as exc:
                 return _error(503, str(exc))
             if content_type == "application/json":

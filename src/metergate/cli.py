@@ -175,13 +175,15 @@ def keys_create(
     name: Annotated[str, typer.Option(help="A note to recognise the key by.")] = "",
 ) -> None:
     """Create a key and print it once; only its hash is stored. Running gateways pick it up within seconds."""
-    from metergate.admin import KeyCreate, new_key
+    from pydantic import ValidationError
+
+    from metergate.admin import KeyCreate, explain_invalid, new_key
 
     cfg = _load(config)
     try:
         KeyCreate(team=team, app=app_name, name=name)
-    except ValueError as exc:
-        raise _fail("invalid key", str(exc).splitlines()[0]) from None
+    except ValidationError as exc:
+        raise _fail("invalid key", explain_invalid(exc)) from None
     key, record = new_key(team, app_name, name)
 
     async def work(ledger: Ledger) -> None:
@@ -247,6 +249,8 @@ def report(
     try:
         first, last = parse_day(start), parse_day(end)
         dims = [d.strip() for d in by.split(",") if d.strip()]
+        if not dims:
+            raise ValueError("--by needs at least one of team, app, model, provider, endpoint, key_id")
         result = _run(_with_ledger(cfg, lambda ledger: build_report(ledger, first, last, dims, cfg.timezone())))
     except ValueError as exc:
         raise _fail("invalid report", exc) from None
@@ -275,6 +279,8 @@ def chargeback(
     from metergate.reports import build_report, chargeback_markdown, month_bounds, to_csv
 
     cfg = _load(config)
+    if fmt not in ("markdown", "csv"):
+        raise _fail("invalid --format", "choose markdown or csv")
     try:
         first, last = month_bounds(month)
     except ValueError as exc:
@@ -284,7 +290,10 @@ def chargeback(
     )
     text = to_csv(result) if fmt == "csv" else chargeback_markdown(team, month, result)
     if output is not None:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as exc:
+            raise _fail("cannot write --output", f"{output}: {exc.strerror}") from None
     else:
         sys.stdout.write(text)
 

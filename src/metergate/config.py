@@ -11,11 +11,13 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from fnmatch import fnmatchcase
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+from genai_prices import data_snapshot
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ProviderType = Literal["openai", "openai-compatible", "azure-openai", "anthropic", "gemini"]
@@ -33,6 +35,18 @@ DEFAULT_PRICING_PROVIDER: dict[str, str | None] = {
 RESERVED_LABELS = frozenset({"other", "unauthenticated"})
 
 LabelValue = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
+
+
+def reserved_label(value: str, loc: tuple[str | int, ...]) -> None:
+    """Refuses a team or app name metergate uses itself, wherever the name comes from (config, CLI, admin API)."""
+    if value in RESERVED_LABELS:
+        raise _FieldError(loc, f"{value!r} is reserved by metergate")
+
+
+@cache
+def catalogue_provider_ids() -> frozenset[str]:
+    """The provider ids of the pinned genai-prices catalogue, which `pricing_provider` must name."""
+    return frozenset(p.id for p in data_snapshot.get_snapshot().providers)
 
 
 class ConfigError(Exception):
@@ -212,18 +226,38 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Config:
+        if parse_hostport(self.server.listen) == parse_hostport(self.server.metrics_listen):
+            raise _FieldError(("server", "metrics_listen"), "must differ from server.listen (two listeners)")
         for i, key in enumerate(self.keys):
             for field_name in ("team", "app"):
-                if getattr(key, field_name) in RESERVED_LABELS:
-                    raise _FieldError(("keys", i, field_name), f"{getattr(key, field_name)!r} is reserved by metergate")
+                reserved_label(getattr(key, field_name), ("keys", i, field_name))
+        for i, team in enumerate(self.teams):
+            reserved_label(team.name, ("teams", i, "name"))
+            for j, app in enumerate(team.apps):
+                reserved_label(app, ("teams", i, "apps", j))
+        catalogue = catalogue_provider_ids()
+        for name, provider in self.providers.items():
+            if provider.pricing_provider is not None and provider.pricing_provider not in catalogue:
+                raise _FieldError(
+                    ("providers", name, "pricing_provider"),
+                    f"{provider.pricing_provider!r} is not a genai-prices provider id "
+                    f"(one of: {', '.join(sorted(catalogue))})",
+                )
         for i, route in enumerate(self.routes):
             if route.provider not in self.providers:
                 raise _FieldError(("routes", i, "provider"), f"unknown provider {route.provider!r}")
-        seen: set[str] = set()
+        for i, price in enumerate(self.prices):
+            if price.provider is not None and price.provider not in self.providers:
+                raise _FieldError(("prices", i, "provider"), f"unknown provider {price.provider!r}")
+        hashes: set[str] = set()
+        ids: set[str] = set()
         for i, key in enumerate(self.keys):
-            if key.sha256 in seen:
+            if key.sha256 in hashes:
                 raise _FieldError(("keys", i, "sha256"), "duplicate key")
-            seen.add(key.sha256)
+            if key.key_id in ids:
+                raise _FieldError(("keys", i, "id"), f"duplicate key id {key.key_id!r}")
+            hashes.add(key.sha256)
+            ids.add(key.key_id)
         known_teams = self.known_teams()
         for i, budget in enumerate(self.budgets):
             if budget.team not in known_teams:
@@ -231,15 +265,21 @@ class Config(_Model):
                     ("budgets", i, "team"),
                     f"budget for unknown team {budget.team!r}: no key or teams entry names it",
                 )
-            if budget.app is not None and budget.app not in self.known_apps():
-                raise _FieldError(("budgets", i, "app"), f"budget for unknown app {budget.app!r}")
+            if budget.app is not None and budget.app not in self.known_apps(budget.team):
+                raise _FieldError(
+                    ("budgets", i, "app"),
+                    f"budget for unknown app {budget.app!r}: no key or teams entry gives team {budget.team!r} that app",
+                )
         return self
 
     def known_teams(self) -> set[str]:
         return {k.team for k in self.keys} | {t.name for t in self.teams}
 
-    def known_apps(self) -> set[str]:
-        return {k.app for k in self.keys} | {a for t in self.teams for a in t.apps}
+    def known_apps(self, team: str | None = None) -> set[str]:
+        """Apps named by keys and teams entries; of one team when `team` is given."""
+        return {k.app for k in self.keys if team in (None, k.team)} | {
+            a for t in self.teams if team in (None, t.name) for a in t.apps
+        }
 
     def timezone(self) -> ZoneInfo:
         return ZoneInfo(self.server.timezone)
@@ -268,9 +308,12 @@ def hash_key(key: str) -> str:
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: the config is not UTF-8 text (byte {exc.start})") from exc
     return parse_config(text, source=str(path))
 
 
@@ -332,8 +375,15 @@ def _line_of(node: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
     return line
 
 
-def _duplicate_keys(node: yaml.Node | None, source: str) -> list[str]:
-    """YAML lets a later key silently replace an earlier one; in a config that hides mistakes."""
+def _duplicate_keys(node: yaml.Node | None, source: str, visited: set[int] | None = None) -> list[str]:
+    """YAML lets a later key silently replace an earlier one; in a config that hides mistakes.
+
+    Each node is walked once: aliases share nodes, and an alias may even contain itself.
+    """
+    visited = set() if visited is None else visited
+    if node is None or id(node) in visited:
+        return []
+    visited.add(id(node))
     problems: list[str] = []
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
@@ -344,8 +394,8 @@ def _duplicate_keys(node: yaml.Node | None, source: str) -> list[str]:
                 problems.append(f"{source}:{line}: duplicate key {key!r} (first given on line {seen[key]})")
             else:
                 seen[key] = line
-            problems.extend(_duplicate_keys(value_node, source))
+            problems.extend(_duplicate_keys(value_node, source, visited))
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            problems.extend(_duplicate_keys(item, source))
+            problems.extend(_duplicate_keys(item, source, visited))
     return problems

@@ -12,6 +12,7 @@ from typing import Literal
 
 Family = Literal["openai", "anthropic", "gemini"]
 Operation = Literal[
+    "unknown",
     "chat",
     "completions",
     "responses",
@@ -94,6 +95,10 @@ _AZURE_ENDPOINTS = {
     for suffix, op in _AZURE_OPS.items()
 }
 
+_UNKNOWN: dict[Family, Endpoint] = {
+    family: Endpoint("other", family, "unknown", billed=False) for family in ("openai", "anthropic", "gemini")
+}
+
 ALL_ENDPOINTS: tuple[Endpoint, ...] = (
     *_STATIC.values(),
     *_GEMINI_ENDPOINTS.values(),
@@ -112,6 +117,11 @@ def match_endpoint(method: str, path: str) -> EndpointMatch | None:
     if m := _AZURE.match(path):
         return EndpointMatch(_AZURE_ENDPOINTS[m.group(2)], m.group(1))
     return None
+
+
+def unknown_route(path: str) -> EndpointMatch:
+    """A path no endpoint serves: still counted (as endpoint `other`), and answered in its likely API's shape."""
+    return EndpointMatch(_UNKNOWN[family_for_path(path)])
 
 
 def family_for_path(path: str) -> Family:

@@ -29,7 +29,7 @@ import orjson
 
 from metergate.auth import KeyRing, Principal, query_without_key
 from metergate.config import Config
-from metergate.endpoints import EndpointMatch, Family, family_for_path, match_endpoint
+from metergate.endpoints import EndpointMatch, Family, match_endpoint, unknown_route
 from metergate.errors import GatewayError, error_body, stream_error_event
 from metergate.labels import OTHER, UNAUTHENTICATED, LabelPolicy
 from metergate.metrics import Meter
@@ -204,12 +204,7 @@ class Gateway:
     # --- one request -----------------------------------------------------------------------------------------
 
     async def handle(self, req: InboundRequest, out: Responder) -> None:
-        match = match_endpoint(req.method, req.path)
-        if match is None:
-            family = family_for_path(req.path)
-            err = GatewayError(404, "unknown_route", f"Unknown route: {req.method} {req.path}")
-            await self._send_error(out, family, err, None)
-            return
+        match = match_endpoint(req.method, req.path) or unknown_route(req.path)
         ctx = RequestContext(
             request_id=f"{self._id_prefix}-{next(self._ids)}",
             started=time.perf_counter(),
@@ -242,8 +237,11 @@ class Gateway:
             )
             await self._fail(out, ctx, err)
             return
+        if endpoint.operation == "unknown":
+            await self._fail(out, ctx, GatewayError(404, "unknown_route", f"Unknown route: {req.method} {req.path}"))
+            return
         if endpoint.operation == "models":
-            await self._list_models(out)
+            await self._list_models(out, ctx)
             return
         try:
             if req.body_incomplete:
@@ -600,11 +598,14 @@ class Gateway:
         await out.start(err.status, headers)
         await out.send(error_body(family, err))
 
-    async def _list_models(self, out: Responder) -> None:
+    async def _list_models(self, out: Responder, ctx: RequestContext) -> None:
         if self._models_body is None:
             self._models_body = self._build_models_body()
-        await out.start(200, list(_JSON))
+        await out.start(200, [*_JSON, (REQUEST_ID_HEADER, ctx.request_id.encode())])
         await out.send(self._models_body)
+        record = self._record(ctx, 200, Usage(), None, stream=False)
+        record.latency_s = time.perf_counter() - ctx.started
+        self._emit(record, ctx)
 
     def _build_models_body(self) -> bytes:
         seen: dict[str, str] = {}

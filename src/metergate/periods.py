@@ -68,8 +68,15 @@ def days_between(start: date, end: date) -> list[date]:
     return [start + timedelta(days=i) for i in range((end - start).days)]
 
 
+# Reports turn days into timestamps, one day past the last: the calendar must have room on both sides.
+FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(9998, 12, 31)
+
+
 def parse_day(text: str) -> date:
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError as exc:
         raise ValueError(f"expected a date like 2026-11-01, got {text!r}") from exc
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise ValueError(f"{text!r} is outside the dates metergate reports on ({FIRST_DAY} to {LAST_DAY})")
+    return day

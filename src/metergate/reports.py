@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -18,7 +19,7 @@ import orjson
 
 from metergate.ledger import Ledger
 from metergate.ledger.store import Aggregate
-from metergate.periods import first_day, next_first_day
+from metergate.periods import first_day, next_first_day, parse_day
 from metergate.usage import from_pusd
 
 _BUCKET_S = 900  # quarter hours map onto local dates in every timezone (offsets are whole quarter hours)
@@ -94,10 +95,12 @@ async def daily_history(
 
 def month_bounds(month: str) -> tuple[date, date]:
     """'2026-11' -> (2026-11-01, 2026-11-30)."""
+    if not re.fullmatch(r"\d{4}-\d{2}", month):
+        raise ValueError(f"expected a month like 2026-11, got {month!r}")
     try:
-        first = date.fromisoformat(month + "-01")
+        first = parse_day(month + "-01")
     except ValueError as exc:
-        raise ValueError(f"expected a month like 2026-11, got {month!r}") from exc
+        raise ValueError(f"expected a month like 2026-11 from 1970-01 to 9998-12, got {month!r}") from exc
     return first_day("month", first), next_first_day("month", first) - timedelta(days=1)
 
 
