@@ -197,6 +197,13 @@ def test_models_lists_what_routes_allow(gateway: Gateway) -> None:
     assert not any(i.startswith("claude") for i in ids)  # Anthropic models are not served on the OpenAI API
 
 
+def test_models_retrieve(gateway: Gateway) -> None:
+    c = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEYS["search/ranker"], max_retries=0)
+    assert c.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+    with pytest.raises(openai.NotFoundError, match="claude-haiku-4-5"):
+        c.models.retrieve("claude-haiku-4-5")  # served, but not on the OpenAI API
+
+
 def test_no_client_key_reaches_the_provider(gateway: Gateway, simulator, tag: str) -> None:
     client(gateway, "search/ranker", tag).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     bill = simulator.app.billed(tag)[0]

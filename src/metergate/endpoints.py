@@ -18,6 +18,7 @@ Operation = Literal[
     "responses",
     "embeddings",
     "models",
+    "model",
     "messages",
     "count_tokens",
     "generate",
@@ -62,6 +63,11 @@ _STATIC: dict[tuple[str, str], Endpoint] = {
     ("POST", "/openai/responses"): Endpoint("/openai/responses", "openai", "responses", azure_path=True),
 }
 
+# OpenAI's models.retrieve. Gemini's models.get is GET /v1beta/models/{model} (the SDKs' default), so GET
+# /v1/models/{id} is taken to be OpenAI's.
+_OPENAI_MODEL = re.compile(r"^/v1/models/([^/:]+)$")
+_OPENAI_MODEL_ENDPOINT = Endpoint("/v1/models/{model}", "openai", "model", billed=False, model_in_path=True)
+
 _GEMINI = re.compile(
     r"^/(v1beta|v1)/models/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents|countTokens)$"
 )
@@ -101,6 +107,7 @@ _UNKNOWN: dict[Family, Endpoint] = {
 
 ALL_ENDPOINTS: tuple[Endpoint, ...] = (
     *_STATIC.values(),
+    _OPENAI_MODEL_ENDPOINT,
     *_GEMINI_ENDPOINTS.values(),
     *_AZURE_ENDPOINTS.values(),
 )
@@ -110,6 +117,8 @@ def match_endpoint(method: str, path: str) -> EndpointMatch | None:
     endpoint = _STATIC.get((method, path))
     if endpoint is not None:
         return EndpointMatch(endpoint)
+    if method == "GET" and (m := _OPENAI_MODEL.match(path)):
+        return EndpointMatch(_OPENAI_MODEL_ENDPOINT, m.group(1))
     if method != "POST":
         return None
     if m := _GEMINI.match(path):
@@ -126,7 +135,7 @@ def unknown_route(path: str) -> EndpointMatch:
 
 def family_for_path(path: str) -> Family:
     """The API family an unmatched path most likely belongs to, so even a 404 uses the caller's error shape."""
-    if path.startswith(("/v1beta/", "/v1/models/")):
+    if path.startswith("/v1beta/"):
         return "gemini"
     if path.startswith("/v1/messages"):
         return "anthropic"

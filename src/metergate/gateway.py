@@ -240,8 +240,8 @@ class Gateway:
         if endpoint.operation == "unknown":
             await self._fail(out, ctx, GatewayError(404, "unknown_route", f"Unknown route: {req.method} {req.path}"))
             return
-        if endpoint.operation == "models":
-            await self._list_models(out, ctx)
+        if endpoint.operation in ("models", "model"):
+            await self._list_models(out, ctx, ctx.match.path_model)
             return
         try:
             if req.body_incomplete:
@@ -598,11 +598,22 @@ class Gateway:
         await out.start(err.status, headers)
         await out.send(error_body(family, err))
 
-    async def _list_models(self, out: Responder, ctx: RequestContext) -> None:
+    async def _list_models(self, out: Responder, ctx: RequestContext, model_id: str | None) -> None:
+        """The model list, or one model of it (OpenAI's models.retrieve)."""
         if self._models_body is None:
             self._models_body = self._build_models_body()
+        body = self._models_body
+        if model_id is not None:
+            found = next((m for m in orjson.loads(body)["data"] if m["id"] == model_id), None)
+            if found is None:
+                err = GatewayError(
+                    404, "unknown_model", f"The model `{model_id}` is not served here.", code="model_not_found"
+                )
+                await self._fail(out, ctx, err)
+                return
+            body = orjson.dumps(found)
         await out.start(200, [*_JSON, (REQUEST_ID_HEADER, ctx.request_id.encode())])
-        await out.send(self._models_body)
+        await out.send(body)
         record = self._record(ctx, 200, Usage(), None, stream=False)
         record.latency_s = time.perf_counter() - ctx.started
         self._emit(record, ctx)
