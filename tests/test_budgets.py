@@ -220,3 +220,45 @@ def test_shared_clock_corrects_a_skewed_replica(pg_url: str, monkeypatch: pytest
         return guard.clock.time() - real()
 
     assert abs(asyncio.run(main())) < 1.0
+
+
+def test_every_replica_reports_the_reservations_of_all(pg_url: str) -> None:
+    """`/admin/budgets` reads reservations per replica: after its maintenance pass a replica that reserved nothing
+    still reports what another replica holds, and both report zero once it is settled."""
+    from datetime import UTC, datetime
+
+    from metergate.budgets import BudgetGuard, Hold
+    from metergate.config import parse_config
+    from metergate.ledger import Ledger
+    from metergate.periods import window
+    from metergate.pricing import PriceBook
+
+    cfg = parse_config(
+        "providers:\n  p: {type: openai, base_url: 'http://x'}\nroutes: [{model: '*', provider: p}]\n"
+        f"teams: [{{name: t}}]\nledger: {{url: '{pg_url}'}}\n"
+        "budgets: [{team: t, period: day, limit_usd: 10, action: block}]\n"
+    )
+    budget = cfg.budgets[0]
+
+    async def main() -> list[int]:
+        assert cfg.ledger is not None
+        ledger = Ledger(cfg.ledger)
+        await ledger.start()  # migrations
+        a, b = (BudgetGuard(cfg, PriceBook([]), ledger) for _ in range(2))
+        hold = Hold(budget, window("day", datetime.now(UTC), a.tz), 5_000_000)
+        seen = []
+        try:
+            assert (await a.reservations.reserve(hold, 10**13))[0]
+            await b.reservations.reconcile()
+            seen.append(b.reservations.reserved_pusd(budget, hold.window_start))
+            await a.reservations.settle(hold, 4_000_000)
+            await a.reservations.reconcile()
+            await b.reservations.reconcile()
+            seen += [g.reservations.reserved_pusd(budget, hold.window_start) for g in (a, b)]
+        finally:
+            for guard in (a, b):
+                await guard.stop()
+            await ledger.stop()
+        return seen
+
+    assert asyncio.run(main()) == [5_000_000, 0, 0]

@@ -315,7 +315,8 @@ class SharedReservations:
         )
 
     async def reconcile(self) -> None:
-        """Spend the counters missed (a settlement lost to a database outage) is taken from the ledger."""
+        """Spend the counters missed (a settlement lost to a database outage) is taken from the ledger; then every
+        current counter is read back, so what this replica reports includes the other replicas' reservations."""
         for scope, start in list(self._ensured):
             team, app_part, period = scope.split("/")
             app = "" if app_part == "*" else app_part
@@ -330,6 +331,13 @@ class SharedReservations:
                 "WHERE scope = %(scope)s AND period_start = %(start)s",
                 {"team": team, "app": app, "start": start, "end": w.end_ts, "scope": scope},
             )
+        # A month is the longest period: older rows are no budget's current window.
+        rows = await self._run(
+            "SELECT scope, period_start, spent_pusd, reserved_pusd FROM budget_spend WHERE period_start >= %(since)s",
+            {"since": self.tracker.clock.time() - 32 * 86400},
+        )
+        for scope, start, spent, reserved in rows:
+            self._seen[(scope, float(start))] = (int(spent), int(reserved))
 
     async def expire(self) -> None:
         """Release holds whose replica died before settling them."""
