@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -211,6 +212,33 @@ def test_report_refuses_bad_arguments(gw: Gateway) -> None:
     far = cli(gw, "report", "--from", "2026-01-01", "--to", "9999-12-31")
     assert far.returncode == 1 and "outside the dates" in far.stderr and "Traceback" not in far.stderr
     assert admin(gw, "GET", "/admin/reports?from=2026-01-01&to=9999-12-31").status_code == 400
+
+
+def test_admin_reports_refuse_unknown_formats(gw: Gateway) -> None:
+    r = admin(gw, "GET", "/admin/reports?from=2026-11-01&to=2026-11-02&format=table")
+    assert r.status_code == 400 and "format must be json or csv" in r.json()["error"]["message"]
+    r = admin(gw, "GET", "/admin/reports/chargeback?team=ads&month=2026-11&format=json")
+    assert r.status_code == 400 and "format must be markdown or csv" in r.json()["error"]["message"]
+
+
+def test_cli_never_starts_a_new_sqlite_ledger(gw: Gateway, tmp_path: Path) -> None:
+    # The same config with a relative path, run from a directory without that database: a key stored there
+    # would never reach the gateway, so the CLI refuses and says where it looked.
+    config = tmp_path / "relative.yaml"
+    text = gw.config_path.read_text()
+    config.write_text(re.sub(r'url: "sqlite:///[^"]+"', 'url: "sqlite:///ledger.db"', text))
+    for args in (["keys", "create", "--team", "ads", "--app", "bidder"], ["keys", "list"], ["forecast"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "metergate", *args, "--config", str(config)],
+            env=gw.env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1, args
+        assert f"{tmp_path / 'ledger.db'} does not exist" in result.stderr, result.stderr
+    assert not (tmp_path / "ledger.db").exists()
 
 
 def test_chargeback_refuses_bad_arguments(gw: Gateway, tmp_path: Path) -> None:

@@ -203,10 +203,11 @@ class AdminApi:
 
     async def _report(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
         ledger = self._need_ledger()
+        fmt = _format(params, "json", "csv")
         start, end = _dates(params)
         by = [d for d in params.get("by", "team,app,model").split(",") if d]
         report = await build_report(ledger, start, end, by, self.guard.tz)
-        if params.get("format", "json") == "csv":
+        if fmt == "csv":
             return 200, to_csv(report), "text/csv; charset=utf-8"
         return 200, [ReportRow(**row).model_dump(exclude_none=True) for row in report.rows], "application/json"
 
@@ -215,12 +216,21 @@ class AdminApi:
         team = params.get("team")
         if not team:
             raise ValueError("team is required")
+        fmt = _format(params, "markdown", "csv")
         month = params.get("month") or date.today().strftime("%Y-%m")
         start, end = month_bounds(month)
         report = await build_report(ledger, start, end, ["app", "model"], self.guard.tz, team=team)
-        if params.get("format", "markdown") == "csv":
+        if fmt == "csv":
             return 200, to_csv(report), "text/csv; charset=utf-8"
         return 200, chargeback_markdown(team, month, report), "text/markdown; charset=utf-8"
+
+
+def _format(params: dict[str, str], *allowed: str) -> str:
+    """The `format` parameter; the first allowed one when absent, and an error when it is none of them."""
+    fmt = params.get("format", allowed[0])
+    if fmt not in allowed:
+        raise ValueError(f"format must be {' or '.join(allowed)}, got {fmt!r}")
+    return fmt
 
 
 def new_key(team: str, app: str, name: str = "") -> tuple[str, ApiKey]:

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from metergate.config import Config, ConfigError, load_config
-from metergate.ledger import ApiKey, Ledger, LedgerError
+from metergate.ledger import ApiKey, Ledger, LedgerError, sqlite_path
 from metergate.periods import parse_day
 
 T = TypeVar("T")
@@ -148,6 +148,15 @@ app.add_typer(keys_app, name="keys")
 def _ledger(cfg: Config) -> Ledger:
     if cfg.ledger is None:
         raise _fail("no ledger", "this command needs `ledger: {url: ...}` in the config")
+    path = sqlite_path(cfg.ledger.url)
+    if path is not None and not path.exists():
+        # A relative path is read from the working directory: a new, empty ledger here is almost always the
+        # wrong directory (and a key stored in it would never reach the gateway).
+        raise _fail(
+            "no ledger database",
+            f"{path.resolve()} does not exist. Run this command where the gateway runs (a relative sqlite:/// path "
+            "is relative to the working directory), or use an absolute path: sqlite:////var/lib/metergate/x.db",
+        )
     return Ledger(cfg.ledger, replica="cli")
 
 

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from metergate.config import LedgerConfig
 from metergate.ledger.spool import Spool
-from metergate.ledger.store import ApiKey, LedgerError, Store, open_store
+from metergate.ledger.store import ApiKey, LedgerError, Store, open_store, sqlite_path
 from metergate.usage import UsageRecord
 
 log = logging.getLogger("metergate.ledger")
@@ -63,9 +63,8 @@ def record_row(rec: UsageRecord, replica: str) -> tuple[Any, ...]:
 def default_spool_path(config: LedgerConfig) -> Path:
     if config.spool_path:
         return Path(config.spool_path)
-    if config.url.startswith("sqlite:///"):
-        return Path(config.url.removeprefix("sqlite:///") + ".spool")
-    return Path("metergate-ledger.spool")
+    path = sqlite_path(config.url)
+    return path.with_name(path.name + ".spool") if path is not None else Path("metergate-ledger.spool")
 
 
 class Ledger:
@@ -295,4 +294,4 @@ def _redact(url: str) -> str:
     return url
 
 
-__all__ = ["ApiKey", "Ledger", "LedgerError", "record_row"]
+__all__ = ["ApiKey", "Ledger", "LedgerError", "record_row", "sqlite_path"]

@@ -223,7 +223,9 @@ class SQLiteStore(Store):
 
     def __init__(self, url: str, busy_timeout_s: float = 5.0) -> None:
         self.url = url
-        self.path = Path(url.removeprefix("sqlite:///"))
+        path = sqlite_path(url)
+        assert path is not None
+        self.path = path
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,6 +353,11 @@ def _pg_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _clean(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///` URL (relative to the working directory; four slashes make it absolute)."""
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
 def open_store(url: str) -> Store:
