@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import openai
@@ -156,6 +158,10 @@ def test_demo_serves_attributed_priced_metrics_within_seconds(tmp_path) -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert f"http://{metrics}/metrics" in out and "mg-demo-search-ranker" in out
+    # It says where its ledger is, and takes it away when it stops.
+    ledger = re.search(r"Ledger: (\S+metergate-demo\.db)", out)
+    assert ledger is not None, out
+    assert not Path(ledger.group(1)).parent.exists()
 
 
 def test_billed_dataclass_copy_is_independent() -> None:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -163,7 +164,7 @@ async def synthetic_traffic(gateway: str, rate: float, stop: asyncio.Event, seed
             await asyncio.wait(pending, timeout=5)
 
 
-def _banner(listen: str, metrics_listen: str) -> str:
+def _banner(listen: str, metrics_listen: str, ledger_dir: str) -> str:
     example = DEMO_APPS[0]
     teams = len({a.team for a in DEMO_APPS})
     text = f"""[bold]metergate demo[/] is running: simulated providers, synthetic traffic from {teams} teams.
@@ -185,6 +186,8 @@ Cost priced per model instead of a flat rate:
 
 Budgets: research has a $5/day hard cap (it starts getting 429s after a while), search a $500/month alert.
 Admin API: curl -H "Authorization: Bearer {os.environ.get(ADMIN_TOKEN_ENV, DEMO_ADMIN_TOKEN)}" http://{listen}/admin/budgets
+  (reports too: /admin/reports?from=YYYY-MM-DD&to=YYYY-MM-DD, /admin/reports/chargeback?team=research)
+Ledger: {ledger_dir}/metergate-demo.db (SQLite; removed when the demo stops)
 
 Ctrl+C stops it."""
     return text
@@ -206,21 +209,24 @@ async def demo_main(listen: str, metrics_listen: str, rate: float, duration: flo
     tasks: list[asyncio.Task[None]] = []
 
     def ready() -> None:
-        console.print(_banner(listen, metrics_listen), soft_wrap=True, highlight=False)
+        console.print(_banner(listen, metrics_listen, ledger_dir), soft_wrap=True, highlight=False)
         gateway_url = "http://" + listen.replace("0.0.0.0", "127.0.0.1")
         tasks.append(asyncio.create_task(synthetic_traffic(gateway_url, rate, traffic_stop)))
         if duration > 0:
             asyncio.get_running_loop().call_later(duration, stop.set)
 
-    serving = asyncio.create_task(serve(runtime, on_ready=ready, stop=stop))
-    await asyncio.wait({serving, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
-    traffic_stop.set()
-    for task in tasks:
-        await task
-    stop.set()
-    await serving
-    sim_server.should_exit = True
-    await asyncio.sleep(0.1)
+    try:
+        serving = asyncio.create_task(serve(runtime, on_ready=ready, stop=stop))
+        await asyncio.wait({serving, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        traffic_stop.set()
+        for task in tasks:
+            await task
+        stop.set()
+        await serving
+        sim_server.should_exit = True
+        await asyncio.sleep(0.1)
+    finally:
+        shutil.rmtree(ledger_dir, ignore_errors=True)  # the demo's ledger lives as long as the demo
 
 
 def run_demo(listen: str, metrics_listen: str, rate: float, duration: float, console: Console) -> None:
