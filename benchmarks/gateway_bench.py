@@ -47,6 +47,35 @@ class Result:
     rps: float
 
 
+# The reference hop the issue's targets are set against: nginx proxying to the same simulator.
+NGINX = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/nginx-body;
+    proxy_temp_path {dir}/nginx-proxy;
+    fastcgi_temp_path {dir}/nginx-fastcgi;
+    uwsgi_temp_path {dir}/nginx-uwsgi;
+    scgi_temp_path {dir}/nginx-scgi;
+    upstream simulator {{ server 127.0.0.1:{sim_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://simulator;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
 def free_port() -> int:
     import socket
 
@@ -136,11 +165,17 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
     parser.add_argument("--budgets", action="store_true", help="run the gateway with budgets and the SQLite ledger on")
     parser.add_argument("--ledger", action="store_true", help="run the gateway with the SQLite ledger only")
+    parser.add_argument(
+        "--nginx", action="store_true", help="also measure one nginx proxy hop, the reference (apt-get install nginx)"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if args.nginx and nginx is None:
+        raise SystemExit("--nginx needs nginx: apt-get install -y nginx-light")
     mode = "budgets" if args.budgets else "ledger" if args.ledger else "plain"
-    sim_port, gw_port, metrics_port = free_port(), free_port(), free_port()
+    sim_port, gw_port, metrics_port, nginx_port = free_port(), free_port(), free_port(), free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,19 +204,31 @@ def main() -> None:
                     env=env,
                 )
             )
+            if args.nginx:
+                assert nginx is not None
+                nginx_conf = workdir / "nginx.conf"
+                nginx_conf.write_text(NGINX.format(dir=workdir, port=nginx_port, sim_port=sim_port))
+                procs.append(subprocess.Popen([nginx, "-c", str(nginx_conf), "-p", str(workdir)]))
             wait_http(f"http://127.0.0.1:{metrics_port}/healthz")
             direct = f"{sim_url}/v1/chat/completions"
             via = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
+            via_nginx = f"http://127.0.0.1:{nginx_port}/v1/chat/completions"
             # Warm both paths (connection pools, price cards, caches).
             wrk(direct, CHAT_BODY, "sk-sim-openai", 4, 1, script)
             wrk(via, CHAT_BODY, GATEWAY_KEY, 4, 1, script)
-            rows = []
+            if args.nginx:
+                wrk(via_nginx, CHAT_BODY, "sk-sim-openai", 4, 1, script)
+            rows, nginx_rows = [], []
             for label, body in (("non-streaming", CHAT_BODY), ("streaming", STREAM_BODY)):
                 d1 = wrk(direct, body, "sk-sim-openai", 1, args.duration, script)
                 g1 = wrk(via, body, GATEWAY_KEY, 1, args.duration, script)
                 d32 = wrk(direct, body, "sk-sim-openai", 32, args.duration, script)
                 g32 = wrk(via, body, GATEWAY_KEY, 32, args.duration, script)
                 rows.append((label, d1, g1, d32, g32))
+                if args.nginx:
+                    n1 = wrk(via_nginx, body, "sk-sim-openai", 1, args.duration, script)
+                    n32 = wrk(via_nginx, body, "sk-sim-openai", 32, args.duration, script)
+                    nginx_rows.append((label, d1, n1, d32, n32))
         finally:
             for p in procs:
                 p.terminate()
@@ -192,17 +239,25 @@ def main() -> None:
     ]
     print(f"\nmetergate gateway benchmark ({mode}; wrk, 1 thread; {args.duration:.0f}s per run)\n")
     header = (
-        f"{'call':<15}{'direct p50':>11}{'gw p50':>9}{'added p50':>11}{'added p99':>11}"
+        f"{'call':<21}{'direct p50':>11}{'gw p50':>9}{'added p50':>11}{'added p99':>11}"
         f"{'direct rps':>12}{'gw rps':>9}{'kept':>7}"
     )
     print(header)
     print("-" * len(header))
     for label, d1, g1, d32, g32 in rows:
-        print(
-            f"{label:<15}{d1.p50_ms:>9.3f}ms{g1.p50_ms:>7.3f}ms{g1.p50_ms - d1.p50_ms:>9.3f}ms"
-            f"{g1.p99_ms - d1.p99_ms:>9.3f}ms{d32.rps:>12.0f}{g32.rps:>9.0f}{g32.rps / d32.rps:>7.2f}"
-        )
+        print(_row(label, d1, g1, d32, g32))
+    for label, d1, n1, d32, n32 in nginx_rows:
+        print(_row(f"{label} nginx", d1, n1, d32, n32))
     print("\nadded = gateway minus direct at one connection; kept = gateway rps / direct rps at 32 connections")
+    if nginx_rows:
+        print("nginx rows: one nginx proxy_pass hop (1 worker, keepalive upstream) in place of the gateway")
+
+
+def _row(label: str, d1: Result, g1: Result, d32: Result, g32: Result) -> str:
+    return (
+        f"{label:<21}{d1.p50_ms:>9.3f}ms{g1.p50_ms:>7.3f}ms{g1.p50_ms - d1.p50_ms:>9.3f}ms"
+        f"{g1.p99_ms - d1.p99_ms:>9.3f}ms{d32.rps:>12.0f}{g32.rps:>9.0f}{g32.rps / d32.rps:>7.2f}"
+    )
 
 
 if __name__ == "__main__":
