@@ -160,6 +160,11 @@ def gateway_config(sim_url: str, listen: str, metrics: str, workdir: Path, mode:
     )
 
 
+def start_gateway(config: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "metergate", "serve", "--config", str(config), "--log-level", "warning"]
+    return subprocess.Popen(command, env=env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
@@ -167,6 +172,11 @@ def main() -> None:
     parser.add_argument("--ledger", action="store_true", help="run the gateway with the SQLite ledger only")
     parser.add_argument(
         "--nginx", action="store_true", help="also measure one nginx proxy hop, the reference (apt-get install nginx)"
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="SRC",
+        help="also run a gateway from another checkout's src directory (e.g. the previous commit's), side by side",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -176,6 +186,7 @@ def main() -> None:
         raise SystemExit("--nginx needs nginx: apt-get install -y nginx-light")
     mode = "budgets" if args.budgets else "ledger" if args.ledger else "plain"
     sim_port, gw_port, metrics_port, nginx_port = free_port(), free_port(), free_port(), free_port()
+    base_port, base_metrics_port = free_port(), free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,21 +200,16 @@ def main() -> None:
             procs.append(
                 subprocess.Popen([sys.executable, "-m", "metergate.simulator", "--port", str(sim_port)], env=env)
             )
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "metergate",
-                        "serve",
-                        "--config",
-                        str(config),
-                        "--log-level",
-                        "warning",
-                    ],
-                    env=env,
+            procs.append(start_gateway(config, env))
+            if args.compare:
+                base_dir = workdir / "baseline"
+                base_dir.mkdir()
+                base_config = base_dir / "gateway.yaml"
+                base_config.write_text(
+                    gateway_config(sim_url, f"127.0.0.1:{base_port}", f"127.0.0.1:{base_metrics_port}", base_dir, mode)
                 )
-            )
+                procs.append(start_gateway(base_config, {**env, "PYTHONPATH": str(Path(args.compare).resolve())}))
+                wait_http(f"http://127.0.0.1:{base_metrics_port}/healthz")
             if args.nginx:
                 assert nginx is not None
                 nginx_conf = workdir / "nginx.conf"
@@ -213,18 +219,26 @@ def main() -> None:
             direct = f"{sim_url}/v1/chat/completions"
             via = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
             via_nginx = f"http://127.0.0.1:{nginx_port}/v1/chat/completions"
+            via_base = f"http://127.0.0.1:{base_port}/v1/chat/completions"
             # Warm both paths (connection pools, price cards, caches).
             wrk(direct, CHAT_BODY, "sk-sim-openai", 4, 1, script)
             wrk(via, CHAT_BODY, GATEWAY_KEY, 4, 1, script)
+            if args.compare:
+                wrk(via_base, CHAT_BODY, GATEWAY_KEY, 4, 1, script)
             if args.nginx:
                 wrk(via_nginx, CHAT_BODY, "sk-sim-openai", 4, 1, script)
-            rows, nginx_rows = [], []
+            rows, nginx_rows, base_rows = [], [], []
             for label, body in (("non-streaming", CHAT_BODY), ("streaming", STREAM_BODY)):
                 d1 = wrk(direct, body, "sk-sim-openai", 1, args.duration, script)
                 g1 = wrk(via, body, GATEWAY_KEY, 1, args.duration, script)
+                if args.compare:
+                    b1 = wrk(via_base, body, GATEWAY_KEY, 1, args.duration, script)
                 d32 = wrk(direct, body, "sk-sim-openai", 32, args.duration, script)
                 g32 = wrk(via, body, GATEWAY_KEY, 32, args.duration, script)
                 rows.append((label, d1, g1, d32, g32))
+                if args.compare:
+                    b32 = wrk(via_base, body, GATEWAY_KEY, 32, args.duration, script)
+                    base_rows.append((label, d1, b1, d32, b32))
                 if args.nginx:
                     n1 = wrk(via_nginx, body, "sk-sim-openai", 1, args.duration, script)
                     n32 = wrk(via_nginx, body, "sk-sim-openai", 32, args.duration, script)
@@ -246,9 +260,13 @@ def main() -> None:
     print("-" * len(header))
     for label, d1, g1, d32, g32 in rows:
         print(_row(label, d1, g1, d32, g32))
+    for label, d1, b1, d32, b32 in base_rows:
+        print(_row(f"{label} compared", d1, b1, d32, b32))
     for label, d1, n1, d32, n32 in nginx_rows:
         print(_row(f"{label} nginx", d1, n1, d32, n32))
     print("\nadded = gateway minus direct at one connection; kept = gateway rps / direct rps at 32 connections")
+    if base_rows:
+        print(f"compared rows: the gateway from {args.compare}, run alternately with this one")
     if nginx_rows:
         print("nginx rows: one nginx proxy_pass hop (1 worker, keepalive upstream) in place of the gateway")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -112,6 +113,7 @@ class Gateway:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    max_open_files: int | None = None  # RLIMIT_NOFILE for the process (soft and hard)
 
     @property
     def url(self) -> str:
@@ -124,11 +126,19 @@ class Gateway:
     def start(self) -> Gateway:
         assert self.log_path is not None
         log = self.log_path.open("ab")
+        limit = self.max_open_files
+
+        def limit_files() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "metergate", "serve", "--config", str(self.config_path), *self.extra_args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=limit_files if limit is not None else None,
+            cwd=self.config_path.parent,  # relative paths (a default spool) stay in the test's own directory
         )
         deadline = time.time() + 20
         while time.time() < deadline:
@@ -154,6 +164,14 @@ class Gateway:
     def metrics(self) -> Metrics:
         return Metrics.parse(httpx.get(self.metrics_url, timeout=5).text)
 
+    def rss_bytes(self) -> int:
+        """The process's resident memory, from /proc."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
     def headers(self, scope: str) -> dict[str, str]:
         return {"authorization": f"Bearer {KEYS[scope]}"}
 
@@ -178,11 +196,18 @@ class Metrics:
         return self.sum(name, **labels) - before.sum(name, **labels)
 
 
+# Runs the gateway processes under test from another checkout's `src` (the tests and the simulator stay these):
+# how a new test is shown to fail on the previous release, e.g. METERGATE_TEST_GATEWAY_SRC=/tmp/old/src pytest ...
+GATEWAY_SRC = os.environ.get("METERGATE_TEST_GATEWAY_SRC")
+
+
 def make_gateway(tmp: Path, sim_url: str, env: dict[str, str] | None = None, **sections: str) -> Gateway:
     listen, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     config = tmp / f"gateway-{uuid.uuid4().hex[:6]}.yaml"
     config.write_text(standard_config(sim_url, listen, metrics, **sections))
     full_env = {**os.environ, **PROVIDER_ENV, **(env or {})}
+    if GATEWAY_SRC:
+        full_env["PYTHONPATH"] = GATEWAY_SRC
     return Gateway(config, full_env, listen, metrics, log_path=config.with_suffix(".log"))
 
 

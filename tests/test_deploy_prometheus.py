@@ -41,6 +41,9 @@ REQUIRED_ALERTS = {
     "LLMUpstreamRateLimited",
     "LLMLatencyP95High",
     "LLMUnpricedModelTraffic",
+    "LLMLedgerDown",
+    "LLMLedgerRecordsLost",
+    "LLMLedgerRecordsRejected",
 }
 # The recording rules of the metrics contract, exactly: dashboards and alerts share these names.
 CONTRACT_RECORDING_RULES = {
@@ -222,7 +225,8 @@ def test_alert_metadata_and_runbook(name: str) -> None:
     if name not in ("LLMGatewayTargetDown", "LLMMetricsAbsent"):
         # The figure that fired it, and who it is about.
         assert "$value" in text, f"{name}: summary/description do not give the figure"
-        assert re.search(r"\$labels\.(team|provider|model)", text), f"{name}: names no team, provider or model"
+        # Who it is about: a team, provider or model; for the gateway's own health, the replica.
+        assert re.search(r"\$labels\.(team|provider|model|instance)", text), f"{name}: names no team, model or replica"
     url = annotations["runbook_url"]
     assert "/deploy/README.md#" in url, url
     anchor = url.rpartition("#")[2]

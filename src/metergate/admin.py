@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import date
 from decimal import Decimal
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl
 
 import orjson
@@ -23,9 +23,13 @@ from metergate import __version__
 from metergate.auth import Principal
 from metergate.budgets import BudgetGuard
 from metergate.config import RESERVED_LABELS, LabelValue, hash_key
+from metergate.errors import GatewayError
 from metergate.ledger import ApiKey, Ledger, LedgerError
 from metergate.periods import PERIODS, parse_day
 from metergate.reports import build_report, chargeback_markdown, month_bounds, to_csv
+
+if TYPE_CHECKING:
+    from metergate.gateway import RequestBody
 
 ADMIN_TOKEN_ENV = "METERGATE_ADMIN_TOKEN"
 
@@ -130,13 +134,18 @@ class AdminApi:
         ]
 
     async def handle(
-        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+        self, method: str, path: str, query: str, headers: dict[str, str], request_body: RequestBody
     ) -> tuple[int, bytes, str]:
+        """Answers one admin request; the body is read only after the token is checked."""
         if self.token is None:
             return _error(404, f"the admin API is off: set {ADMIN_TOKEN_ENV} to enable it")
         presented = headers.get("authorization", "").removeprefix("Bearer ").strip()
         if path != "/admin/openapi.json" and not hmac.compare_digest(presented.encode(), self.token.encode()):
             return _error(401, "missing or wrong admin token")
+        try:
+            body = await request_body.read()
+        except GatewayError as exc:
+            return _error(exc.status, exc.message)
         params = dict(parse_qsl(query))
         for route_method, pattern, handler in self.routes:
             args = _match(pattern, path)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode
 
 from metergate.config import Config
+from metergate.query import query_items, query_value, without
 
 # Where each SDK puts its key: OpenAI and current Anthropic SDKs send Bearer, older Anthropic SDKs x-api-key,
 # Azure api-key, Gemini x-goog-api-key or ?key=.
@@ -37,18 +37,18 @@ def presented_key(headers: Mapping[str, str], query: str) -> str | None:
                     continue
                 return token.strip()
             return value.strip()
-    if "key=" in query:
-        for name, value in parse_qsl(query):
-            if name == "key" and value:
+    if "key" in query or "%" in query:
+        # Names are compared decoded, as the provider decodes them: `?k%65y=` is a key parameter too.
+        for name, item in query_items(query):
+            if name == "key" and (value := query_value(item)):
                 return value
     return None
 
 
 def query_without_key(query: str) -> str:
-    """The query string to forward: a `?key=` credential is the client's gateway key and never leaves the gateway."""
-    if "key=" not in query:
-        return query
-    return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "key"])
+    """The query string to forward: a `?key=` credential (however its name is escaped) is the client's gateway key
+    and never leaves the gateway; every other item goes out byte for byte."""
+    return without(query, "key")
 
 
 class KeyRing:

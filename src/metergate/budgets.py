@@ -173,6 +173,10 @@ class Clock:
         return datetime.fromtimestamp(self.time(), UTC)
 
 
+class BudgetStoreError(RuntimeError):
+    """The shared budget counters refused an update (not an outage): the request is refused, not let through."""
+
+
 class LocalReservations:
     """Reservations of one gateway process, in memory."""
 
@@ -250,8 +254,12 @@ class SharedReservations:
             async with conn.cursor() as cur:
                 await cur.execute(sql, params)
                 return list(await cur.fetchall()) if cur.description else []
-        except psycopg.Error as exc:
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            # The database is unreachable or went away: the one case where budgets fail open (documented).
             raise LedgerError(f"budget database: {exc}") from exc
+        except psycopg.Error as exc:
+            # The database answered and refused the statement: never a reason to let a request through.
+            raise BudgetStoreError(f"budget database refused an update: {exc}") from exc
         finally:
             self._release(conn)
 
@@ -470,8 +478,10 @@ class BudgetGuard:
         reservation = Reservation()
         for budget in budgets:
             w = windows[budget.period]
-            hold = Hold(budget, w, estimate)
             limit = self._thresholds[id(budget)][1]
+            # No hold needs to exceed the limit: one that large already refuses everything after it. This also
+            # bounds every number the shared counters add up, whatever the client asked for.
+            hold = Hold(budget, w, min(estimate, limit))
             try:
                 ok, spent, reserved = await self.reservations.reserve(hold, limit)
             except LedgerError as exc:

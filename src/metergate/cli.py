@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
@@ -37,11 +36,12 @@ ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The gateway's 
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from metergate.logs import setup_logging
+
+    try:
+        setup_logging(level)
+    except ValueError as exc:
+        raise _fail("invalid --log-level", exc) from None
 
 
 def _fail(title: str, detail: object) -> typer.Exit:
@@ -133,10 +133,26 @@ def demo(
     duration: Annotated[float, typer.Option(help="Stop after this many seconds (0: run until Ctrl+C).")] = 0.0,
 ) -> None:
     """No config, no API key: the gateway, simulated providers and synthetic traffic from several teams."""
+    from metergate.config import parse_hostport
     from metergate.demo import run_demo
+    from metergate.server import ListenError
 
+    for option, value in (("--listen", listen), ("--metrics-listen", metrics_listen)):
+        try:
+            parse_hostport(value)
+        except ValueError as exc:
+            raise _fail(f"invalid {option}", exc) from None
+    if parse_hostport(listen) == parse_hostport(metrics_listen):
+        raise _fail("invalid --metrics-listen", "it must differ from --listen (two listeners)")
+    if not (0 < rate <= 10_000):
+        raise _fail("invalid --rate", f"expected requests per second above 0 and at most 10000, got {rate:g}")
+    if not (0 <= duration <= 365 * 86400):
+        raise _fail("invalid --duration", f"expected seconds, 0 (run until Ctrl+C) or more, got {duration:g}")
     _setup_logging("warning")
-    run_demo(listen=listen, metrics_listen=metrics_listen, rate=rate, duration=duration, console=console)
+    try:
+        run_demo(listen=listen, metrics_listen=metrics_listen, rate=rate, duration=duration, console=console)
+    except ListenError as exc:
+        raise _fail("cannot start", exc) from None
 
 
 keys_app = typer.Typer(

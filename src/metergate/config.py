@@ -54,7 +54,12 @@ class ConfigError(Exception):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` or `.nan` in a limit or a timeout is a mistake, never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Upper bounds on durations: far beyond any sensible setting, and small enough for every timer to accept.
+_DAY = 86400.0
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -67,14 +72,21 @@ def parse_hostport(value: str) -> tuple[str, int]:
 class ServerConfig(_Model):
     listen: str = "127.0.0.1:8080"
     metrics_listen: str = "127.0.0.1:9102"
-    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0, le=1 << 40)
     trusted_headers: bool = False
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    upstream_timeout_s: float = Field(default=600.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=_DAY)
+    upstream_timeout_s: float = Field(default=600.0, gt=0, le=_DAY)
     # After a client hangs up mid-stream the upstream is still read to learn what it billed, for at most this long.
-    drain_timeout_s: float = Field(default=120.0, gt=0)
-    shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    drain_timeout_s: float = Field(default=120.0, gt=0, le=_DAY)
+    shutdown_timeout_s: float = Field(default=30.0, ge=0, le=_DAY)
     timezone: str = "UTC"
+    # Connection limits (nginx's defaults are the guide): see README "Limits".
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1 << 20)
+    max_headers: int = Field(default=100, ge=10, le=10_000)
+    header_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    keepalive_timeout_s: float = Field(default=75.0, gt=0, le=3600)
+    max_connections: int = Field(default=4096, ge=16, le=1_000_000)
 
     @field_validator("listen", "metrics_listen")
     @classmethod
@@ -101,9 +113,9 @@ class ProviderConfig(_Model):
     deployments: dict[str, str] = Field(default_factory=dict)
     # genai-prices provider id used to price this provider's traffic (e.g. "groq" for an openai-compatible Groq).
     pricing_provider: str | None = None
-    connect_timeout_s: float | None = Field(default=None, gt=0)
-    timeout_s: float | None = Field(default=None, gt=0)
-    max_connections: int = Field(default=0, ge=0)
+    connect_timeout_s: float | None = Field(default=None, gt=0, le=_DAY)
+    timeout_s: float | None = Field(default=None, gt=0, le=_DAY)
+    max_connections: int = Field(default=0, ge=0, le=1_000_000)
 
     @field_validator("base_url")
     @classmethod
@@ -170,10 +182,10 @@ class PriceConfig(_Model):
 
     model: str = Field(min_length=1)
     provider: str | None = None
-    input_mtok: float = Field(ge=0)
-    output_mtok: float = Field(default=0.0, ge=0)
-    cache_read_mtok: float | None = Field(default=None, ge=0)
-    cache_write_mtok: float | None = Field(default=None, ge=0)
+    input_mtok: float = Field(ge=0, le=1e6)
+    output_mtok: float = Field(default=0.0, ge=0, le=1e6)
+    cache_read_mtok: float | None = Field(default=None, ge=0, le=1e6)
+    cache_write_mtok: float | None = Field(default=None, ge=0, le=1e6)
 
     def matches(self, provider: str, model: str) -> bool:
         return (self.provider is None or self.provider == provider) and fnmatchcase(model, self.model)
@@ -183,7 +195,7 @@ class BudgetConfig(_Model):
     team: LabelValue
     app: LabelValue | None = None
     period: Literal["day", "week", "month"]
-    limit_usd: float = Field(gt=0)
+    limit_usd: float = Field(gt=0, le=1e12)
     action: Literal["block", "alert"] = "alert"
     warn_at: float = Field(default=0.8, gt=0, le=1)
 
@@ -194,23 +206,35 @@ class BudgetConfig(_Model):
 
 class LedgerConfig(_Model):
     url: str = "sqlite:///metergate.db"
-    batch_size: int = Field(default=1000, gt=0)
-    flush_interval_s: float = Field(default=0.2, gt=0)
-    # Where records wait when the database is down; default: next to the SQLite file, or ./metergate-ledger.spool.
+    batch_size: int = Field(default=1000, gt=0, le=100_000)
+    flush_interval_s: float = Field(default=0.2, gt=0, le=3600)
+    # Where records wait when the database is down; default: next to the SQLite file, or
+    # ./metergate-ledger-<hash of the database URL>.spool.
     spool_path: str | None = None
-    spool_max_records: int = Field(default=1_000_000, gt=0)
+    spool_max_records: int = Field(default=1_000_000, gt=0, le=1_000_000_000)
 
     @field_validator("url")
     @classmethod
     def _scheme(cls, v: str) -> str:
         if not (v.startswith("sqlite:///") or v.startswith(("postgresql://", "postgres://"))):
             raise ValueError("ledger url must start with sqlite:/// or postgresql://")
+        if v.startswith("sqlite:///"):
+            path = v.removeprefix("sqlite:///")
+            if not path.strip("/") or path.endswith("/") or Path(path).name in ("", ".", ".."):
+                raise ValueError(f"ledger url {v!r} names a directory, not a database file (sqlite:///metergate.db)")
+        return v
+
+    @field_validator("spool_path")
+    @classmethod
+    def _spool(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip("/") or v.endswith("/") or Path(v).name in ("", ".", "..")):
+            raise ValueError(f"spool_path {v!r} names a directory, not a file")
         return v
 
 
 class BudgetDefaults(_Model):
     # Worst-case output reserved when a request does not say max_tokens.
-    default_max_output_tokens: int = Field(default=4096, gt=0)
+    default_max_output_tokens: int = Field(default=4096, gt=0, le=10_000_000)
 
 
 class Config(_Model):
@@ -317,14 +341,22 @@ def load_config(path: str | Path) -> Config:
     return parse_config(text, source=str(path))
 
 
+# A config is a few hundred nodes; these bounds only stop a file that would take the process down.
+MAX_CONFIG_DEPTH = 64
+MAX_CONFIG_NODES = 200_000
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_size(node, source)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    except RecursionError:
+        raise ConfigError(f"{source}: the config is nested too deeply (more than {MAX_CONFIG_DEPTH} levels)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping with providers and routes")
     duplicates = _duplicate_keys(node, source)
@@ -334,6 +366,47 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError("\n".join(_explain(exc, node, source))) from exc
+
+
+def _check_size(root: yaml.Node | None, source: str) -> None:
+    """Refuses a document nested deeper than MAX_CONFIG_DEPTH, or whose aliases expand it past MAX_CONFIG_NODES
+    (a "billion laughs" file: a few lines that validation would walk for hours). Iterative, memoised per node."""
+    if root is None:
+        return
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, depth, done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if done:
+            on_path.discard(key)
+            sizes[key] = min(1 + sum(sizes.get(id(c), 0) for c in children), MAX_CONFIG_NODES + 1)
+            if sizes[key] > MAX_CONFIG_NODES:
+                raise ConfigError(
+                    f"{source}:{node.start_mark.line + 1}: the config expands to more than {MAX_CONFIG_NODES} "
+                    "values (YAML aliases)"
+                )
+            continue
+        if key in sizes or key in on_path:
+            continue
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(
+                f"{source}:{node.start_mark.line + 1}: the config is nested too deeply "
+                f"(more than {MAX_CONFIG_DEPTH} levels)"
+            )
+        on_path.add(key)
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _explain(exc: ValidationError, root: yaml.Node | None, source: str) -> Iterator[str]:

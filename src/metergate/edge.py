@@ -1,7 +1,7 @@
 """The HTTP edge: raw ASGI apps for the API listener and the metrics listener.
 
-Deliberately thin. It reads the request body (refusing oversized ones without buffering them), notices when the
-client hangs up, and hands everything else to `Gateway.handle`. No framework: the API surface is a handful of
+Deliberately thin. It hands the raw request line, the headers and a lazily read body to `Gateway.handle`, and
+notices when the client hangs up. No framework: the API surface is a handful of
 routes and every microsecond here is added to every LLM call (see benchmarks/README.md).
 """
 
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import make_asgi_app
 
 from metergate.admin import AdminApi
+from metergate.errors import GatewayError
 from metergate.gateway import Gateway, InboundRequest
 from metergate.metrics import Meter
 
@@ -69,37 +71,92 @@ class AsgiResponder:
             self._watch.cancel()
 
 
+class AsgiBody:
+    """A request body read only when the gateway asks for it: after the key is checked, so a client without a key
+    never makes the gateway buffer a byte of its body.
+
+    `read` raises GatewayError: 413 past the limit (without reading past it), 499 when the client hangs up before
+    the end, 408 when the connection guard ended a body that stopped arriving (connections.py).
+    """
+
+    __slots__ = ("_limit", "_receive", "declared", "finished")
+
+    def __init__(self, receive: Receive, headers: dict[str, str], limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self.declared = headers.get("content-length")
+        self.finished = self.declared in (None, "0") and "transfer-encoding" not in headers
+
+    async def read(self) -> bytes:
+        limit = self._limit
+        declared = self.declared
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                if getattr(getattr(self._receive, "__self__", None), "body_timed_out", False):
+                    raise GatewayError(408, "body_timeout", "The client stopped sending the request body.")
+                raise GatewayError(
+                    499, "client_disconnected", "The client closed the connection before sending the whole body."
+                )
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        self.finished = True
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(413, "body_too_large", f"Request body exceeds the gateway limit of {limit} bytes.")
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    max_body_bytes: int = 32 * 1024 * 1024
+    admin_body_bytes: int = 1024 * 1024
+
+
 class ApiApp:
     """The LLM API listener: /admin/ goes to the admin API, everything else to the gateway."""
 
-    def __init__(self, gateway: Gateway, max_body_bytes: int, admin: AdminApi | None = None) -> None:
+    def __init__(self, gateway: Gateway, limits: EdgeLimits, admin: AdminApi | None = None) -> None:
         self.gateway = gateway
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
         self.admin = admin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        headers = request_headers(scope["headers"])
-        body, too_large, incomplete = await self._read_body(headers, receive)
-        path: str = scope["path"]
+        headers, refusal = request_headers(scope["headers"])
+        # The path exactly as sent: uvicorn's `path` is percent-decoded, and forwarding a decoded path would let
+        # the provider see a different request than the one the gateway classified (issue 8).
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        path = raw_path.decode("latin-1")
+        query = scope["query_string"].decode("latin-1")
+        limits = self.limits
         if self.admin is not None and path.startswith("/admin/"):
-            status, payload, content_type = await self.admin.handle(
-                scope["method"], path, scope["query_string"].decode("latin-1"), headers, body
-            )
-            await send(
-                {"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type.encode())]}
-            )
+            body = AsgiBody(receive, headers, limits.admin_body_bytes)
+            status, payload, content_type = await self.admin.handle(scope["method"], path, query, headers, body)
+            response_headers = [(b"content-type", content_type.encode())]
+            if not body.finished:
+                response_headers.append((b"connection", b"close"))
+            await send({"type": "http.response.start", "status": status, "headers": response_headers})
             await send({"type": "http.response.body", "body": payload})
             return
         request = InboundRequest(
             method=scope["method"],
-            path=scope["path"],
-            query=scope["query_string"].decode("latin-1"),
+            path=path,
+            query=query,
             headers=headers,
-            body=body,
-            body_too_large=too_large,
-            body_incomplete=incomplete,
+            body=AsgiBody(receive, headers, limits.max_body_bytes),
+            refusal=refusal,
         )
         responder = AsgiResponder(receive, send)
         try:
@@ -107,43 +164,35 @@ class ApiApp:
         finally:
             responder.close()
 
-    async def _read_body(self, headers: dict[str, str], receive: Receive) -> tuple[bytes, bool, bool]:
-        """The body, whether it exceeds the limit, and whether the client hung up before sending all of it."""
-        limit = self.max_body_bytes
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return b"", True, False
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"".join(chunks), False, True
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return b"", True, False
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        return b"".join(chunks) if len(chunks) != 1 else chunks[0], False, False
 
+def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str], GatewayError | None]:
+    """Header names to values; a repeated header keeps every value, joined with commas (RFC 9110 5.3), in linear
+    time however many times it repeats.
 
-def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """Header names to values; a repeated header keeps every value, joined with commas (RFC 9110 5.3).
-
-    Values are decoded as UTF-8 because that is how the upstream client encodes them again, so bytes a client
-    sent arrive upstream unchanged; a value that is not UTF-8 falls back to Latin-1, which never fails.
+    Values must be UTF-8, because that is how the upstream client encodes them again: a value that is not is
+    refused (the second element) rather than forwarded altered.
     """
     headers: dict[str, str] = {}
+    repeated: dict[str, list[str]] | None = None
+    refusal: GatewayError | None = None
     for name, value in raw:
         key = name.decode("latin-1").lower()
         try:
             text = value.decode()
         except UnicodeDecodeError:
             text = value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    return headers
+            refusal = refusal or GatewayError(
+                400, "invalid_header", f"The value of header {key[:64]!r} is not UTF-8 text."
+            )
+        if key in headers:
+            if repeated is None:
+                repeated = {}
+            repeated.setdefault(key, [headers[key]]).append(text)
+        headers[key] = text
+    if repeated:
+        for key, values in repeated.items():
+            headers[key] = ", ".join(values)
+    return headers, refusal
 
 
 class MetricsApp:

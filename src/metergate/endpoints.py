@@ -44,6 +44,10 @@ class Endpoint:
 class EndpointMatch:
     endpoint: Endpoint
     path_model: str | None = None
+    static: bool = False  # the path is exactly one of the fixed routes below
+
+
+_STATIC_MATCHES: dict[tuple[str, str], EndpointMatch] = {}
 
 
 _STATIC: dict[tuple[str, str], Endpoint] = {
@@ -113,10 +117,13 @@ ALL_ENDPOINTS: tuple[Endpoint, ...] = (
 )
 
 
+_STATIC_MATCHES.update({key: EndpointMatch(endpoint, static=True) for key, endpoint in _STATIC.items()})
+
+
 def match_endpoint(method: str, path: str) -> EndpointMatch | None:
-    endpoint = _STATIC.get((method, path))
-    if endpoint is not None:
-        return EndpointMatch(endpoint)
+    static = _STATIC_MATCHES.get((method, path))
+    if static is not None:
+        return static
     if method == "GET" and (m := _OPENAI_MODEL.match(path)):
         return EndpointMatch(_OPENAI_MODEL_ENDPOINT, m.group(1))
     if method != "POST":

@@ -96,3 +96,8 @@ def stream_error_event(family: Family, operation: str, message: str) -> bytes:
 
 def bad_request(message: str, error_type: str = "invalid_request") -> GatewayError:
     return GatewayError(400, error_type, message)
+
+
+def bounded(text: str, limit: int = 200) -> str:
+    """A client-chosen string cut to `limit` characters for a message or a log line, with a marker when cut."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"

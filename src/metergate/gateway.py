@@ -26,11 +26,13 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from metergate.auth import KeyRing, Principal, query_without_key
 from metergate.config import Config
 from metergate.endpoints import EndpointMatch, Family, match_endpoint, unknown_route
-from metergate.errors import GatewayError, error_body, stream_error_event
+from metergate.errors import GatewayError, bounded, error_body, stream_error_event
+from metergate.inbound import refuse_request
 from metergate.labels import OTHER, UNAUTHENTICATED, LabelPolicy
 from metergate.metrics import Meter
 from metergate.pricing import PriceBook
@@ -81,15 +83,27 @@ _JSON = [(b"content-type", b"application/json")]
 _ZERO = Decimal(0)
 
 
+class RequestBody(Protocol):
+    """The request body, read on demand (implemented by the HTTP edge)."""
+
+    @property
+    def finished(self) -> bool:
+        """Every byte of the body has been read (or there was none)."""
+        ...
+
+    async def read(self) -> bytes:
+        """The whole body; raises GatewayError (413 too large, 408 too slow, 499 client gone)."""
+        ...
+
+
 @dataclass(slots=True)
 class InboundRequest:
     method: str
-    path: str
-    query: str
+    path: str  # exactly as sent: never percent-decoded, so the provider receives what was classified
+    query: str  # exactly as sent
     headers: dict[str, str]  # lower-case names
-    body: bytes
-    body_too_large: bool = False
-    body_incomplete: bool = False  # the client hung up before sending all of it
+    body: RequestBody
+    refusal: GatewayError | None = None  # what the edge found wrong with the headers
 
 
 class Responder(Protocol):
@@ -134,6 +148,8 @@ class RequestContext:
     provider_label: str = OTHER
     body: dict[str, Any] | None = None
     raw_body: bytes | None = None
+    upstream_body: bytes | None = None  # set when the body sent upstream differs from the client's
+    request_body: RequestBody | None = None
     ttft: float | None = None
     reservation: object | None = None
     sent_upstream: bool = False  # the provider may have billed something from here on
@@ -224,12 +240,13 @@ class Gateway:
             if not out.started:
                 with contextlib.suppress(Exception):
                     err = GatewayError(500, "gateway_error", "metergate failed on this request.")
-                    await self._send_error(out, ctx.family, err, ctx.request_id)
+                    await self._send_error(out, ctx, err)
         finally:
             self.in_flight -= 1
 
     async def _handle(self, req: InboundRequest, out: Responder, ctx: RequestContext) -> None:
         endpoint = ctx.match.endpoint
+        ctx.request_body = req.body
         ctx.principal = self.keys.authenticate(req.headers, req.query)
         if ctx.principal is None:
             err = GatewayError(
@@ -237,29 +254,23 @@ class Gateway:
             )
             await self._fail(out, ctx, err)
             return
-        if endpoint.operation == "unknown":
-            await self._fail(out, ctx, GatewayError(404, "unknown_route", f"Unknown route: {req.method} {req.path}"))
-            return
-        if endpoint.operation in ("models", "model"):
-            await self._list_models(out, ctx, ctx.match.path_model)
-            return
         try:
-            if req.body_incomplete:
-                # A cut-off body may still parse as JSON: it is never forwarded, and it is the client's hang-up.
-                raise GatewayError(
-                    499, "client_disconnected", "The client closed the connection before sending the whole body."
-                )
-            if req.body_too_large:
-                raise GatewayError(
-                    413,
-                    "body_too_large",
-                    f"Request body exceeds the gateway limit of {self.config.server.max_body_bytes} bytes.",
-                )
-            ctx.raw_body = req.body
-            ctx.body = _json_object(req.body)
+            # A path that matched a fixed route is one of the gateway's own: only headers remain to check.
+            refusal = req.refusal or refuse_request(req.path, req.headers, checked_path=ctx.match.static)
+            if refusal is not None:
+                raise refusal
+            if endpoint.operation == "unknown":
+                raise GatewayError(404, "unknown_route", f"Unknown route: {req.method} {bounded(req.path)}")
+            if endpoint.operation in ("models", "model"):
+                await self._list_models(out, ctx, ctx.match.path_model)
+                return
             adapter = API_ADAPTERS[ctx.family]
+            adapter.vet_request(endpoint, req.query, req.headers)
+            ctx.raw_body = await req.body.read()
+            ctx.body = _json_object(ctx.raw_body)
             ctx.facts = facts = adapter.request_facts(endpoint, ctx.body, ctx.match.path_model)
             ctx.route = route = self._route(ctx, facts.model)
+            ctx.upstream_body = self._upstream_body(ctx, route, facts)
         except GatewayError as err:
             await self._fail(out, ctx, err)
             return
@@ -301,6 +312,21 @@ class Gateway:
 
     # --- forwarding ------------------------------------------------------------------------------------------
 
+    def _upstream_body(self, ctx: RequestContext, route: Route, facts: RequestFacts) -> bytes | None:
+        """The body to send when it must differ from the client's (alias, usage request); None: send it as is."""
+        assert ctx.body is not None
+        wire_model = route.upstream.wire_model(route.upstream_model)
+        new_model = wire_model if wire_model != facts.model else None
+        if new_model is None and not facts.inject_stream_usage:
+            return None
+        try:
+            return orjson.dumps(API_ADAPTERS[ctx.family].upstream_body(ctx.body, facts, new_model))
+        except orjson.JSONEncodeError:
+            # orjson writes at most 254 levels; the provider would read what the gateway could not rewrite.
+            raise GatewayError(
+                400, "invalid_json", "The request body is nested too deeply for the gateway to forward."
+            ) from None
+
     async def _forward(
         self,
         req: InboundRequest,
@@ -311,14 +337,9 @@ class Gateway:
         facts: RequestFacts,
     ) -> UsageRecord:
         endpoint = ctx.match.endpoint
-        assert ctx.body is not None
-        wire_model = upstream.wire_model(route.upstream_model)
-        new_model = wire_model if wire_model != facts.model else None
-        if new_model is not None or facts.inject_stream_usage:
-            body = orjson.dumps(API_ADAPTERS[ctx.family].upstream_body(ctx.body, facts, new_model))
-        else:
-            body = req.body  # forwarded byte for byte
-        url = upstream.url(ctx.match, req.path, query_without_key(req.query), route.upstream_model)
+        body = ctx.upstream_body if ctx.upstream_body is not None else ctx.raw_body
+        # Path and query go out byte for byte (encoded=True): re-encoding could change what the provider reads.
+        url = URL(upstream.url(ctx.match, req.path, query_without_key(req.query), route.upstream_model), encoded=True)
         headers = [
             (k, v) for k, v in req.headers.items() if k not in _DROP_REQUEST and not k.startswith("x-metergate-")
         ]
@@ -327,7 +348,8 @@ class Gateway:
         session = self._sessions[upstream.name]
         ctx.sent_upstream = True
         try:
-            response = await session.request(req.method, url, data=body, headers=headers)
+            # Never follow a redirect: it would carry the provider credential to whatever host the 3xx names.
+            response = await session.request(req.method, url, data=body, headers=headers, allow_redirects=False)
         except TimeoutError:
             return await self._fail(out, ctx, GatewayError(504, "upstream_timeout", "The upstream provider timed out."))
         except aiohttp.ClientConnectorError as exc:
@@ -345,6 +367,18 @@ class Gateway:
                 out,
                 ctx,
                 GatewayError(502, "upstream_reset", f"The upstream connection failed: {type(exc).__name__}"),
+            )
+        if 300 <= response.status < 400 and "location" in response.headers:
+            response.release()
+            return await self._fail(
+                out,
+                ctx,
+                GatewayError(
+                    502,
+                    "upstream_redirect",
+                    f"The upstream provider answered {response.status} with a redirect, which the gateway does not "
+                    "follow.",
+                ),
             )
         async with response:
             content_type = response.headers.get("content-type", "")
@@ -497,7 +531,9 @@ class Gateway:
             version = ctx.match.endpoint.label.split("/")[1]
             url = upstream.count_tokens_url(ctx.route.upstream_model, version)
             try:
-                async with self._sessions[upstream.name].post(url, json=body, headers=upstream.auth_headers()) as resp:
+                async with self._sessions[upstream.name].post(
+                    url, json=body, headers=upstream.auth_headers(), allow_redirects=False
+                ) as resp:
                     if resp.status == 200:
                         usage = GeminiApi.usage_from_token_count(await resp.json(content_type=None))
             except (aiohttp.ClientError, OSError, TimeoutError, UsageError, ValueError) as exc:
@@ -573,7 +609,7 @@ class Gateway:
         record.metered = not ctx.sent_upstream
         record.latency_s = time.perf_counter() - ctx.started
         self._emit(record, ctx)  # before writing: a client gone mid-write must not lose the record
-        await self._send_error(out, ctx.family, err, ctx.request_id)
+        await self._send_error(out, ctx, err)
         return record
 
     def _emit_unfinished(self, ctx: RequestContext, code: int, error_type: str) -> None:
@@ -591,12 +627,14 @@ class Gateway:
         record.ttft_s = ctx.ttft
         self._emit(record, ctx)
 
-    async def _send_error(self, out: Responder, family: Family, err: GatewayError, request_id: str | None) -> None:
+    async def _send_error(self, out: Responder, ctx: RequestContext, err: GatewayError) -> None:
         headers = [*_JSON, *((k.encode(), v.encode()) for k, v in err.headers.items())]
-        if request_id:
-            headers.append((REQUEST_ID_HEADER, request_id.encode()))
+        headers.append((REQUEST_ID_HEADER, ctx.request_id.encode()))
+        if ctx.request_body is not None and not ctx.request_body.finished:
+            # Answered without reading the body: closing beats reading the rest of an unwanted upload.
+            headers.append((b"connection", b"close"))
         await out.start(err.status, headers)
-        await out.send(error_body(family, err))
+        await out.send(error_body(ctx.family, err))
 
     async def _list_models(self, out: Responder, ctx: RequestContext, model_id: str | None) -> None:
         """The model list, or one model of it (OpenAI's models.retrieve)."""

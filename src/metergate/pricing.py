@@ -23,6 +23,8 @@ from metergate.config import PriceConfig
 from metergate.usage import Usage
 
 log = logging.getLogger("metergate.pricing")
+_MAX_CACHED = 10_000
+_MAX_WARNED = 1_000  # distinct unpriced models logged once each; past that, llm_unpriced_requests_total tells
 
 # Usage fields as genai-prices usage keys. Reasoning tokens are not listed: they are part of output_tokens and
 # billed at the output rate by every provider metergate speaks.
@@ -138,6 +140,8 @@ class PriceBook:
     def lookup(self, pricing_provider: str | None, model: str) -> CatalogueEntry | None:
         key = (pricing_provider, model)
         if key not in self._catalogue:
+            if len(self._catalogue) >= _MAX_CACHED:
+                self._catalogue.clear()  # model names come from clients: the cache must not grow with them
             try:
                 provider, info = data_snapshot.get_snapshot().find_provider_model(model, None, pricing_provider, None)
                 self._catalogue[key] = CatalogueEntry(provider, info)
@@ -155,6 +159,8 @@ class PriceBook:
     def override_card(self, provider_name: str, model: str) -> RateCard | None:
         key = (provider_name, model)
         if key not in self._override_cards:
+            if len(self._override_cards) >= _MAX_CACHED:
+                self._override_cards.clear()
             card = None
             for override in self._overrides:
                 if override.matches(provider_name, model):
@@ -181,7 +187,7 @@ class PriceBook:
             return card.price(usage)
         entry = self.lookup(pricing_provider, model)
         if entry is None:
-            if (provider_name, model) not in self._warned:
+            if (provider_name, model) not in self._warned and len(self._warned) < _MAX_WARNED:
                 self._warned.add((provider_name, model))
                 log.warning(
                     "no price for model %r of provider %r: its requests are counted in llm_unpriced_requests_total; "

@@ -17,12 +17,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import uvicorn
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from metergate.admin import AdminApi
 from metergate.auth import KeyRing, Principal
 from metergate.budgets import BudgetGuard
-from metergate.config import Config, ConfigError, parse_hostport
-from metergate.edge import ApiApp, MetricsApp
+from metergate.config import Config, ConfigError, ServerConfig, parse_hostport
+from metergate.connections import ConnectionLimits, ConnectionStats, guarded_protocol, raise_open_file_limit
+from metergate.edge import ApiApp, EdgeLimits, MetricsApp
 from metergate.gateway import Gateway
 from metergate.labels import LabelPolicy
 from metergate.ledger import Ledger, LedgerError
@@ -179,14 +181,16 @@ class ListenError(Exception):
     pass
 
 
-def _uvicorn_config(app: object, listen: str, graceful_s: float) -> uvicorn.Config:
+def _uvicorn_config(
+    app: object, listen: str, graceful_s: float, protocol: type[asyncio.Protocol], keepalive_s: float
+) -> uvicorn.Config:
     host, port = parse_hostport(listen)
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
         port=port,
         loop="none",
-        http="httptools",
+        http=protocol,
         lifespan="off",
         access_log=False,
         log_level="warning",
@@ -194,9 +198,45 @@ def _uvicorn_config(app: object, listen: str, graceful_s: float) -> uvicorn.Conf
         date_header=False,
         proxy_headers=False,  # the client address is not used; skip uvicorn's X-Forwarded-For middleware
         timeout_graceful_shutdown=math.ceil(graceful_s),
-        timeout_keep_alive=75,
+        timeout_keep_alive=math.ceil(keepalive_s),
         backlog=4096,
     )
+
+
+def connection_limits(server: ServerConfig, listener_share: float = 1.0) -> ConnectionLimits:
+    """The configured limits, with the connection cap lowered to what the open-file limit allows: each request in
+    flight holds a client socket and an upstream socket."""
+    files = raise_open_file_limit()
+    fits = max(16, (files - 64) // 2)
+    cap = max(16, int(server.max_connections * listener_share))
+    if cap > fits:
+        log.warning("server.max_connections lowered to %d: the open-file limit is %d", fits, files)
+        cap = fits
+    return ConnectionLimits(
+        max_header_bytes=server.max_header_bytes,
+        max_headers=server.max_headers,
+        header_timeout_s=server.header_timeout_s,
+        body_timeout_s=server.body_timeout_s,
+        max_connections=cap,
+    )
+
+
+def _connection_metrics(stats: dict[str, ConnectionStats]) -> Callable[[], Iterator[Metric]]:
+    def collect() -> Iterator[Metric]:
+        open_ = GaugeMetricFamily("metergate_connections_open", "Open client connections.", labels=["listener"])
+        refused = CounterMetricFamily(
+            "metergate_connections_refused",
+            "Connections closed or requests refused by a connection limit (see README, Limits).",
+            labels=["listener", "reason"],
+        )
+        for listener, st in stats.items():
+            open_.add_metric([listener], st.open)
+            for reason, n in list(st.refused.items()):
+                refused.add_metric([listener, reason], n)
+        yield open_
+        yield refused
+
+    return collect
 
 
 async def serve(
@@ -219,15 +259,29 @@ async def serve(
     except ListenError:
         api_socket.close()
         raise
+    server = config.server
+    api_protocol, api_stats = guarded_protocol(connection_limits(server))
+    # The metrics listener serves one scraper or a few: a small share of the cap is plenty.
+    metrics_protocol, metrics_stats = guarded_protocol(connection_limits(server, 1 / 16))
+    runtime.meter.add_collector(_connection_metrics({"api": api_stats, "metrics": metrics_stats}))
+    edge = EdgeLimits(max_body_bytes=server.max_body_bytes)
     api = SignalFreeServer(
         _uvicorn_config(
-            ApiApp(runtime.gateway, config.server.max_body_bytes, runtime.admin),
-            config.server.listen,
-            config.server.shutdown_timeout_s,
+            ApiApp(runtime.gateway, edge, runtime.admin),
+            server.listen,
+            server.shutdown_timeout_s,
+            api_protocol,
+            server.keepalive_timeout_s,
         )
     )
     metrics = SignalFreeServer(
-        _uvicorn_config(MetricsApp(runtime.meter, lambda: not draining), config.server.metrics_listen, 5)
+        _uvicorn_config(
+            MetricsApp(runtime.meter, lambda: not draining),
+            server.metrics_listen,
+            5,
+            metrics_protocol,
+            server.keepalive_timeout_s,
+        )
     )
     for service in runtime.services:
         await service.start()

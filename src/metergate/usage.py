@@ -50,22 +50,31 @@ class Usage:
         return self.input_tokens == 0 and self.output_tokens == 0 and self.web_searches == 0
 
 
+# No request is billed ten billion tokens (or units) of anything; a figure past this is a broken or hostile
+# upstream, and taking it would overflow the ledger's 64-bit columns once priced in pico-dollars.
+MAX_COUNT = 10**10
+
+
 def count(value: object, name: str) -> int:
     """A token count from a provider payload: absent means 0, anything but a non-negative integer is an error.
 
     Floats with an integral value are accepted because some OpenAI-compatible servers serialise counts that way.
     """
+    if type(value) is int and 0 <= value <= MAX_COUNT:  # the usual case, first
+        return value
     if value is None:
         return 0
     if isinstance(value, bool):
         raise UsageError(f"usage field {name} is a boolean")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, int):
         if value < 0:
             raise UsageError(f"usage field {name} is negative: {value}")
+        if value > MAX_COUNT:
+            raise UsageError(f"usage field {name} is implausibly large: {value}")
         return value
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
-    raise UsageError(f"usage field {name} is not a token count: {value!r}")
+    raise UsageError(f"usage field {name} is not a token count: {str(value)[:40]!r}")
 
 
 @dataclass(slots=True)

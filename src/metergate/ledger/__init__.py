@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +26,29 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from metergate.config import LedgerConfig
 from metergate.ledger.spool import Spool
-from metergate.ledger.store import ApiKey, LedgerError, Store, open_store, sqlite_path
+from metergate.ledger.store import ApiKey, LedgerError, Rejected, Store, open_store, sqlite_path
 from metergate.usage import UsageRecord
 
 log = logging.getLogger("metergate.ledger")
 T = TypeVar("T")
+
+
+# Column bounds: a row the database would refuse must never be built. Counts and costs are clamped to BIGINT,
+# client-influenced text is cut and stripped of NUL (PostgreSQL TEXT cannot hold it).
+MAX_BIGINT = 2**63 - 1
+MAX_TEXT = 256
+
+
+def bounded_text(value: str, limit: int = MAX_TEXT) -> str:
+    if len(value) > limit:
+        value = value[: limit - 1] + "…"
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode()  # lone surrogates cannot be stored or spooled
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _big(value: int) -> int:
+    return value if 0 <= value <= MAX_BIGINT else max(0, min(value, MAX_BIGINT))
 
 
 def record_row(rec: UsageRecord, replica: str) -> tuple[Any, ...]:
@@ -40,17 +60,17 @@ def record_row(rec: UsageRecord, replica: str) -> tuple[Any, ...]:
         rec.app,
         rec.key_id,
         rec.provider,
-        rec.model,
-        rec.upstream_model,
+        bounded_text(rec.model),
+        bounded_text(rec.upstream_model),
         rec.endpoint,
         rec.code,
         int(rec.stream),
-        u.input_tokens,
-        u.output_tokens,
-        u.cache_read_tokens,
-        u.cache_write_tokens,
-        u.reasoning_tokens,
-        rec.cost_pusd,
+        _big(u.input_tokens),
+        _big(u.output_tokens),
+        _big(u.cache_read_tokens),
+        _big(u.cache_write_tokens),
+        _big(u.reasoning_tokens),
+        _big(rec.cost_pusd),
         int(rec.priced),
         int(rec.metered),
         rec.latency_s,
@@ -61,10 +81,15 @@ def record_row(rec: UsageRecord, replica: str) -> tuple[Any, ...]:
 
 
 def default_spool_path(config: LedgerConfig) -> Path:
+    """Beside a SQLite file; for a database server, named after the database (never shared by two ledgers that
+    happen to run in one directory: a replay would write one's records into the other)."""
     if config.spool_path:
         return Path(config.spool_path)
     path = sqlite_path(config.url)
-    return path.with_name(path.name + ".spool") if path is not None else Path("metergate-ledger.spool")
+    if path is not None:
+        return path.with_name(path.name + ".spool")
+    digest = hashlib.sha256(_redact(config.url).encode()).hexdigest()[:12]
+    return Path(f"metergate-ledger-{digest}.spool")
 
 
 class Ledger:
@@ -81,34 +106,45 @@ class Ledger:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.spool = Spool(default_spool_path(config), config.spool_max_records)
+        self.rejected = self._rejected_spool()
         self.written = 0
         self.write_errors = 0
+        self.rejected_count = 0
+        self.lost = 0  # records neither written, spooled nor kept in memory (reported, never silent)
         self.up = False
         self._last_error_log = 0.0
         self._stopping = False
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
+    def _rejected_spool(self) -> Spool:
+        """Rows the database refused (not an outage: the row itself), kept beside the spool for an operator."""
+        path = self.spool.path
+        return Spool(path.with_name(path.name + ".rejected"), self.config.spool_max_records)
+
     async def start(self) -> None:
+        """Start writing: claim the spool (replaying what a previous process left in it) and start the writer."""
+        self.spool.claim()
+        self.rejected = self._rejected_spool()
         await self._ensure_store()
         self._task = asyncio.create_task(self._run(), name="metergate-ledger-writer")
 
     async def stop(self, flush_timeout_s: float = 30.0) -> None:
-        """Flush what is pending; whatever the database does not take goes to the spool, so nothing is lost."""
+        """Flush what is pending; whatever the database does not take goes to the spool (or, if the spool cannot
+        be written, to a file in the temporary directory), so nothing is lost silently."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._task, flush_timeout_s)
-        if self._inflight:
-            self.spool.add(self._inflight)
-            self._inflight = []
-        if self._pending:
-            self.spool.add(self._pending)
-            self._pending = []
+        remaining, self._inflight, self._pending = self._inflight + self._pending, [], []
+        if remaining:
+            self._keep(remaining, last_chance=True)
         if self._store is not None:
-            await self.call(self._store.close)
+            with contextlib.suppress(Exception):
+                await self.call(self._store.close)
         self._executor.shutdown(wait=True)
+        self.spool.close()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store operation on the ledger's own thread."""
@@ -162,9 +198,16 @@ class Ledger:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff)
             self._wake.clear()
-            ok = await self._flush()
-            if ok and len(self.spool):
-                ok = await self._replay_spool()
+            try:
+                ok = await self._flush()
+                if ok and len(self.spool):
+                    ok = await self._replay_spool()
+            except Exception:
+                # Nothing may stop the writer: later records would silently never be written.
+                log.exception("ledger writer: unexpected error; pending records are kept and retried")
+                self.write_errors += 1
+                self.up = False
+                ok = False
             backoff = self.config.flush_interval_s if ok else min(max(backoff * 2, 0.5), 10.0)
             if self._stopping and (not self._pending or not ok):
                 return
@@ -173,26 +216,76 @@ class Ledger:
         if not self._pending:
             return True
         batch, self._pending = self._pending, []
+        # Until the write is done the batch is `_inflight`: if shutdown cancels the write, stop() spools it.
         self._inflight = batch
         store = await self._ensure_store()
         if store is None:
-            self.spool.add(batch)
             self._inflight = []
+            self._keep(batch)
             return False
+        rejected: list[Rejected] = []
         try:
             for chunk in _chunks(batch, 5000):
-                await self.call(store.write, chunk)
+                rejected += await self.call(store.write, chunk)
         except LedgerError as exc:
             self.write_errors += 1
             self._reset_store(store)
-            self.spool.add(batch)  # idempotent on request_id: rows already written are skipped on replay
             self._inflight = []
+            self._keep(batch)  # idempotent on request_id: rows already written are skipped on replay
             self._report_down(exc)
             return False
+        except Exception:
+            self.write_errors += 1
+            self._inflight = []
+            self._keep(batch)
+            raise
         self._inflight = []
-        self.written += len(batch)
+        self._quarantine(rejected)
+        self.written += len(batch) - len(rejected)
         self.up = True
         return True
+
+    def _keep(self, rows: list[tuple[Any, ...]], last_chance: bool = False) -> None:
+        """Rows that could not be written now: to the spool, or back into memory while the spool cannot be
+        written (bounded by spool_max_records); at shutdown, to a file in the temporary directory."""
+        try:
+            self.spool.add(rows)
+            return
+        except OSError as exc:
+            self.up = False
+            log.error("ledger spool %s cannot be written (%s): %d records", self.spool.path, exc, len(rows))
+        if not last_chance:
+            room = self.config.spool_max_records - len(self._pending)
+            kept = rows[: max(room, 0)]
+            self._pending[:0] = kept
+            self.lost += len(rows) - len(kept)
+            return
+        fallback = Path(tempfile.gettempdir()) / f"metergate-ledger-{self.replica}-{int(time.time())}.spool"
+        try:
+            Spool(fallback, len(rows)).add(rows)
+            log.error(
+                "ledger: %d records written to %s; replay them with that file as ledger.spool_path", len(rows), fallback
+            )
+        except OSError as exc:
+            self.lost += len(rows)
+            log.critical("ledger: %d records could not be written anywhere (%s)", len(rows), exc)
+
+    def _quarantine(self, rejected: list[Rejected]) -> None:
+        if not rejected:
+            return
+        self.rejected_count += len(rejected)
+        log.error(
+            "ledger: the database refused %d record(s), e.g. request %s (%s); kept in %s",
+            len(rejected),
+            rejected[0].row[0],
+            rejected[0].reason,
+            self.rejected.path,
+        )
+        try:
+            self.rejected.add([(*r.row, r.reason) for r in rejected])
+        except OSError as exc:
+            self.lost += len(rejected)
+            log.error("ledger: cannot keep refused records in %s: %s", self.rejected.path, exc)
 
     async def flush_then(self, query: Callable[[Store], T]) -> T:
         """Write everything submitted so far, then run `query`, with no other write in between.
@@ -205,20 +298,24 @@ class Ledger:
         batch, self._pending = self._pending, []
         store = await self._ensure_store()
         if store is None:
-            self.spool.add(batch)
+            self._keep(batch)
             raise LedgerError(f"the ledger database is not available: {_redact(self.config.url)}")
 
-        def write_then_query() -> T:
-            store.write(batch)
-            return query(store)
+        def write_then_query() -> tuple[list[Rejected], T]:
+            rejected = store.write(batch)
+            return rejected, query(store)
 
         try:
-            result = await self.call(write_then_query)
+            rejected, result = await self.call(write_then_query)
         except LedgerError:
-            self.spool.add(batch)
+            self._keep(batch)
             self._reset_store(store)
             raise
-        self.written += len(batch)
+        except Exception:
+            self._keep(batch)
+            raise
+        self._quarantine(rejected)
+        self.written += len(batch) - len(rejected)
         return result
 
     async def _replay_spool(self) -> bool:
@@ -226,18 +323,20 @@ class Ledger:
         if store is None:
             return False
         replayed = 0
+        rejected: list[Rejected] = []
         try:
             for chunk in self.spool.batches(5000):
-                await self.call(store.write, chunk)
+                rejected += await self.call(store.write, chunk)
                 replayed += len(chunk)
         except LedgerError as exc:
             self.write_errors += 1
             self._reset_store(store)
             self._report_down(exc)
             return False
+        self._quarantine(rejected)
         self.spool.clear()
-        self.written += replayed
-        log.info("ledger is back: %d spooled records written", replayed)
+        self.written += replayed - len(rejected)
+        log.info("ledger is back: %d spooled records written", replayed - len(rejected))
         return True
 
     def _reset_store(self, store: Store) -> None:
@@ -260,8 +359,11 @@ class Ledger:
     # --- metrics ---------------------------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("metergate_ledger_up", "1 when the ledger database accepts writes.")
-        up.add_metric([], 1 if self.up else 0)
+        writing = self._task is None or not self._task.done()
+        up = GaugeMetricFamily(
+            "metergate_ledger_up", "1 when the ledger database took the last write and the writer is running."
+        )
+        up.add_metric([], 1 if self.up and writing else 0)
         yield up
         written = CounterMetricFamily("metergate_ledger_records_written", "Records written to the ledger database.")
         written.add_metric([], self.written)
@@ -275,8 +377,16 @@ class Ledger:
         pending = GaugeMetricFamily("metergate_ledger_pending_records", "Records waiting for the next batch.")
         pending.add_metric([], len(self._pending))
         yield pending
-        dropped = CounterMetricFamily("metergate_ledger_dropped_records", "Records lost to a full spool.")
-        dropped.add_metric([], self.spool.dropped)
+        rejected = CounterMetricFamily(
+            "metergate_ledger_rejected_records",
+            "Records the database refused (kept in the .rejected file beside the spool, not written).",
+        )
+        rejected.add_metric([], self.rejected_count)
+        yield rejected
+        dropped = CounterMetricFamily(
+            "metergate_ledger_dropped_records", "Records lost: the spool was full or could not be written."
+        )
+        dropped.add_metric([], self.spool.dropped + self.lost)
         yield dropped
 
 
@@ -294,4 +404,4 @@ def _redact(url: str) -> str:
     return url
 
 
-__all__ = ["ApiKey", "Ledger", "LedgerError", "record_row", "sqlite_path"]
+__all__ = ["ApiKey", "Ledger", "LedgerError", "Rejected", "record_row", "sqlite_path"]

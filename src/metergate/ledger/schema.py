@@ -99,6 +99,21 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        2,
+        "shared budget counters as NUMERIC: a limit or a sum of holds past BIGINT must not fail a reservation",
+        {
+            "sqlite": (),  # budget counters are shared through PostgreSQL only; SQLite keeps them in memory
+            "postgresql": (
+                "ALTER TABLE budget_spend ALTER COLUMN spent_pusd TYPE NUMERIC(40, 0), "
+                "ALTER COLUMN reserved_pusd TYPE NUMERIC(40, 0)",
+                "ALTER TABLE budget_holds ALTER COLUMN amount_pusd TYPE NUMERIC(40, 0)",
+            ),
+        },
+    ),
+)
+
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 MIGRATIONS_TABLE = {

@@ -26,6 +26,17 @@ class LedgerError(Exception):
     """The ledger database cannot be used (unreachable, locked, corrupted, or from a newer metergate)."""
 
 
+class RowRefused(Exception):
+    """The database refused a batch because of what a row holds (a value out of range, a byte it cannot store),
+    not because it is unreachable: retrying the same batch would fail forever."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    row: tuple[Any, ...]
+    reason: str
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     id: str
@@ -107,9 +118,20 @@ class Store(ABC):
     def schema_version(self) -> int:
         return int(self._execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0])
 
-    def write(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        if rows:
+    def write(self, rows: Sequence[tuple[Any, ...]]) -> list[Rejected]:
+        """Write rows (idempotent on request_id); returns the rows the database refused, each isolated by
+        bisecting the batch, so one bad row never keeps the others out. Raises LedgerError when the database
+        cannot be used at all."""
+        if not rows:
+            return []
+        try:
             self._write_rows(rows)
+        except RowRefused as exc:
+            if len(rows) == 1:
+                return [Rejected(tuple(rows[0]), str(exc)[:500])]
+            mid = len(rows) // 2
+            return self.write(rows[:mid]) + self.write(rows[mid:])
+        return []
 
     def count(self) -> int:
         return int(self._execute("SELECT COUNT(*) FROM usage_records")[0][0])
@@ -235,7 +257,7 @@ class SQLiteStore(Store):
             # WAL: readers never block the writer; NORMAL: a process crash loses nothing committed.
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise LedgerError(f"cannot open {url}: {exc}") from exc
 
     def _migration_connection(self) -> sqlite3.Connection:
@@ -271,6 +293,8 @@ class SQLiteStore(Store):
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+        except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError, OverflowError, ValueError) as exc:
+            raise RowRefused(f"{type(exc).__name__}: {exc}") from exc
         except sqlite3.Error as exc:
             raise LedgerError(f"{self.url}: {exc}") from exc
 
@@ -335,6 +359,8 @@ class PostgresStore(Store):
                     f"INSERT INTO usage_records ({cols}) SELECT {cols} FROM usage_staging "
                     "ON CONFLICT (request_id) DO NOTHING"
                 )
+        except (self._psycopg.DataError, self._psycopg.IntegrityError) as exc:
+            raise RowRefused(f"{type(exc).__name__}: {_clean(exc)}") from exc
         except self._psycopg.Error as exc:
             raise LedgerError(f"ledger database: {_clean(exc)}") from exc
 

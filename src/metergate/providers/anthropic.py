@@ -14,14 +14,17 @@ from typing import Any
 import orjson
 
 from metergate.endpoints import Endpoint, EndpointMatch
-from metergate.errors import bad_request
 from metergate.providers.base import (
+    MAX_OUTPUT_TOKENS,
     ApiAdapter,
     RequestFacts,
     SSEStreamMeter,
     StreamMeter,
     Upstream,
     join_url,
+    read_count,
+    read_flag,
+    read_model,
     require_dict,
 )
 from metergate.sse import SSEEvent
@@ -99,14 +102,10 @@ class AnthropicApi(ApiAdapter):
     family = "anthropic"
 
     def request_facts(self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None) -> RequestFacts:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise bad_request("model: Field required", "missing_model")
-        cap = body.get("max_tokens")
         return RequestFacts(
-            model=model,
-            stream=body.get("stream") is True,
-            max_output_tokens=cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None,
+            model=read_model(body.get("model")),
+            stream=read_flag(body, "stream"),
+            max_output_tokens=read_count(body, "max_tokens", bound=MAX_OUTPUT_TOKENS) or None,
         )
 
     def upstream_body(self, body: dict[str, Any], facts: RequestFacts, upstream_model: str | None) -> dict[str, Any]:

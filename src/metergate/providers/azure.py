@@ -8,10 +8,9 @@ deployment -> model map.
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlencode
-
 from metergate.endpoints import EndpointMatch
 from metergate.providers.base import Upstream, join_url
+from metergate.query import with_item, without
 
 _DEPLOYMENT_SUFFIX = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
 
@@ -33,11 +32,10 @@ class AzureUpstream(Upstream):
 
     def url(self, match: EndpointMatch, path: str, query: str, upstream_model: str) -> str:
         endpoint = match.endpoint
-        params = dict(parse_qsl(query, keep_blank_values=True))
         if path.startswith("/openai/v1/"):
-            params.pop("api-version", None)  # the v1 API is unversioned
+            query = without(query, "api-version")  # the v1 API is unversioned
         else:
-            params.setdefault("api-version", self.config.api_version or "")
+            query = with_item(query, "api-version", self.config.api_version or "")
             if endpoint.azure_path and match.path_model is not None:
                 path = path.replace(
                     f"/deployments/{match.path_model}/",
@@ -49,7 +47,7 @@ class AzureUpstream(Upstream):
             elif endpoint.operation in _DEPLOYMENT_SUFFIX:
                 deployment = self.deployment_for(upstream_model)
                 path = f"/openai/deployments/{deployment}/{_DEPLOYMENT_SUFFIX[endpoint.operation]}"
-        return join_url(self.config.base_url, path, urlencode(params))
+        return join_url(self.config.base_url, path, query)
 
     def auth_headers(self) -> dict[str, str]:
         return {"api-key": self._secret} if self._secret else {}

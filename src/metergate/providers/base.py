@@ -11,13 +11,21 @@ two concerns are separate.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from metergate.config import ProviderConfig
 from metergate.endpoints import Endpoint, EndpointMatch, Family
+from metergate.errors import GatewayError, bad_request
 from metergate.sse import SSEBuffer, SSEEvent
 from metergate.usage import Usage, UsageError
+
+# Model names are short identifiers; a longer one is refused rather than stored, priced, cached and logged.
+MAX_MODEL_CHARS = 256
+# Bounds applied to client numbers before any arithmetic (budget estimates): far above any real model's limits.
+MAX_OUTPUT_TOKENS = 2**31 - 1
+MAX_CHOICES = 1024
 
 
 @dataclass(slots=True)
@@ -83,6 +91,11 @@ class SSEStreamMeter(StreamMeter):
 class ApiAdapter(ABC):
     family: Family
 
+    def vet_request(self, endpoint: Endpoint, query: str, headers: Mapping[str, str]) -> None:
+        """Raises GatewayError(400) for a query parameter or header that would change what the provider reports
+        (for example a field mask that drops the usage). The default accepts everything."""
+        return None
+
     @abstractmethod
     def request_facts(self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None) -> RequestFacts:
         """Reads the request; raises GatewayError(400) if it lacks what the API requires (a model)."""
@@ -128,6 +141,61 @@ class Upstream(ABC):
     def wire_model(self, upstream_model: str) -> str:
         """The model name to put in the request; differs only for Azure (the deployment name)."""
         return upstream_model
+
+
+def field_error(name: str, expected: str) -> GatewayError:
+    return bad_request(f"{name}: expected {expected}", "invalid_field")
+
+
+def read_model(value: object, name: str = "model") -> str:
+    """A model name from a request: a non-empty string of at most MAX_MODEL_CHARS characters."""
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"{name}: you must provide a model parameter", "missing_model")
+    if len(value) > MAX_MODEL_CHARS or "\x00" in value:
+        raise field_error(name, f"a model name of at most {MAX_MODEL_CHARS} characters")
+    return value
+
+
+def read_flag(obj: Mapping[str, Any], name: str, label: str | None = None) -> bool:
+    """A boolean field read strictly: absent or null is false, anything but true/false is refused.
+
+    Lenient servers (pydantic-based vLLM and others) read "true" or 1 as true, so reading them as false would
+    hide a stream from the meter (issue 8); refusing them is the only reading that cannot differ from the
+    provider's."""
+    value = obj.get(name)
+    if value is None or isinstance(value, bool):
+        return value is True
+    raise field_error(label or name, "true or false")
+
+
+def read_count(
+    obj: Mapping[str, Any], name: str, label: str | None = None, *, strings: bool = False, bound: int
+) -> int | None:
+    """A non-negative integer field read strictly (absent or null: None), clamped to `bound` for arithmetic.
+
+    `strings`: the API's JSON mapping also accepts integers written as strings (protobuf JSON, Gemini)."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    if type(value) is int and 0 <= value <= bound:  # the usual case, first
+        return value
+    if strings and isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value[:20])
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise field_error(label or name, "an integer")
+    if value < 0:
+        raise field_error(label or name, "a non-negative integer")
+    return min(value, bound)
+
+
+def read_object(obj: Mapping[str, Any], name: str, label: str | None = None) -> Mapping[str, Any]:
+    """An object field (absent or null: empty)."""
+    value = obj.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise field_error(label or name, "an object")
+    return value
 
 
 def require_dict(value: Any, what: str) -> dict[str, Any]:

@@ -18,15 +18,21 @@ from typing import Any
 import orjson
 
 from metergate.endpoints import Endpoint, EndpointMatch
+from metergate.errors import bad_request, bounded
 from metergate.providers.base import (
+    MAX_CHOICES,
+    MAX_OUTPUT_TOKENS,
     ApiAdapter,
     RequestFacts,
     SSEStreamMeter,
     StreamMeter,
     Upstream,
+    field_error,
     join_url,
+    read_count,
     require_dict,
 )
+from metergate.query import query_items, query_value
 from metergate.sse import SSEEvent
 from metergate.usage import Usage, UsageError, count, tier_of
 
@@ -149,6 +155,29 @@ class GeminiArrayMeter(StreamMeter):
         return parse_gemini_usage(meta)
 
 
+_ALLOWED_QUERY = frozenset({"alt", "key", "prettyPrint", "$.xgafv"})
+
+
+def _proto_field(obj: Mapping[str, Any], camel: str, snake: str) -> Any:
+    """A field that protobuf JSON accepts under two names; refused when given under both."""
+    if camel in obj and snake in obj:
+        raise bad_request(f"{camel} and {snake} are the same field; give it once", "invalid_field")
+    return obj.get(camel, obj.get(snake))
+
+
+def _check_batch_models(body: Mapping[str, Any], path_model: str) -> None:
+    """Each request of a batchEmbedContents names its model; it must be the one in the path, which is the one
+    routed and priced."""
+    requests = body.get("requests")
+    if not isinstance(requests, list):
+        return
+    for i, request in enumerate(requests):
+        if isinstance(request, dict) and request.get("model") not in (None, f"models/{path_model}"):
+            raise bad_request(
+                f"requests[{i}].model: must be models/{path_model}, the model in the path", "invalid_field"
+            )
+
+
 def _has_finish_reason(chunk: Mapping[str, Any]) -> bool:
     candidates = chunk.get("candidates")
     return isinstance(candidates, list) and any(isinstance(c, Mapping) and c.get("finishReason") for c in candidates)
@@ -174,18 +203,47 @@ def _last_usage_in_text(body: bytes) -> Mapping[str, Any]:
 class GeminiApi(ApiAdapter):
     family = "gemini"
 
+    def vet_request(self, endpoint: Endpoint, query: str, headers: Mapping[str, str]) -> None:
+        # Google APIs honour system parameters that reshape the answer: `fields`/X-Goog-FieldMask can drop
+        # usageMetadata, `alt=proto` or `callback` make it unreadable. Only parameters that leave it intact pass.
+        if "x-goog-fieldmask" in headers:
+            raise bad_request("The X-Goog-FieldMask header is not accepted by metergate.", "invalid_query")
+        seen: set[str] = set()
+        for name, item in query_items(query):
+            if name not in _ALLOWED_QUERY:
+                raise bad_request(
+                    f"The query parameter {bounded(name, 40)!r} is not accepted by metergate on this route "
+                    f"(accepted: {', '.join(sorted(_ALLOWED_QUERY))}).",
+                    "invalid_query",
+                )
+            if name in seen and name != "key":
+                raise bad_request(f"The query parameter {name!r} is repeated.", "invalid_query")
+            seen.add(name)
+            if name == "alt" and query_value(item) not in ("json", "sse"):
+                raise bad_request("alt: expected json or sse", "invalid_query")
+
     def request_facts(self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None) -> RequestFacts:
         assert path_model is not None  # Gemini routes always carry the model in the path
-        config = body.get("generationConfig")
-        cap = config.get("maxOutputTokens") if isinstance(config, dict) else None
-        candidates = config.get("candidateCount") if isinstance(config, dict) else None
+        # Protobuf's JSON mapping accepts each field in lowerCamelCase and in its proto name, and integers as
+        # strings: the gateway reads what the API reads, and refuses a field given twice.
+        config = _proto_field(body, "generationConfig", "generation_config")
+        if config is None:
+            config = {}
+        elif not isinstance(config, dict):
+            raise field_error("generationConfig", "an object")
+        cap_name = "maxOutputTokens" if "maxOutputTokens" in config else "max_output_tokens"
+        count_name = "candidateCount" if "candidateCount" in config else "candidate_count"
+        _proto_field(config, "maxOutputTokens", "max_output_tokens")
+        _proto_field(config, "candidateCount", "candidate_count")
+        cap = read_count(config, cap_name, f"generationConfig.{cap_name}", strings=True, bound=MAX_OUTPUT_TOKENS)
+        candidates = read_count(config, count_name, f"generationConfig.{count_name}", strings=True, bound=MAX_CHOICES)
+        if endpoint.operation == "batch_embed":
+            _check_batch_models(body, path_model)
         return RequestFacts(
             model=path_model,
             stream=endpoint.operation == "stream_generate",
-            max_output_tokens=cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None,
-            choices=candidates
-            if isinstance(candidates, int) and not isinstance(candidates, bool) and candidates > 0
-            else 1,
+            max_output_tokens=cap or None,
+            choices=candidates or 1,
         )
 
     def upstream_body(self, body: dict[str, Any], facts: RequestFacts, upstream_model: str | None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ terminal `response.completed` / `response.incomplete` / `response.failed` event.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,12 +18,18 @@ import orjson
 from metergate.endpoints import Endpoint, EndpointMatch
 from metergate.errors import bad_request
 from metergate.providers.base import (
+    MAX_CHOICES,
+    MAX_OUTPUT_TOKENS,
     ApiAdapter,
     RequestFacts,
     SSEStreamMeter,
     StreamMeter,
     Upstream,
     join_url,
+    read_count,
+    read_flag,
+    read_model,
+    read_object,
     require_dict,
 )
 from metergate.sse import SSEEvent
@@ -30,6 +37,10 @@ from metergate.usage import Usage, UsageError, count, tier_of
 
 _USAGE_KEY = b'"usage"'
 _USAGE_NULL_FORMS = (b',"usage":null', b'"usage":null,')
+# The `"usage": null` member OpenAI adds to every chunk once usage is requested, however it is spaced (Python's
+# json.dumps and several OpenAI-compatible servers write `"usage": null`). The pattern starts with a literal, so
+# the search is a fast substring scan.
+_USAGE_NULL = re.compile(rb'"usage"\s*:\s*null(?=\s*[,}])')
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _RESPONSES_TERMINAL_BYTES = tuple(f'"{t}"'.encode() for t in _RESPONSES_TERMINAL)
 
@@ -104,6 +115,21 @@ def parse_responses_usage(usage: Mapping[str, Any], service_tier: object = None,
     )
 
 
+def _without_usage_null(raw: bytes) -> bytes | None:
+    """`raw` without its `"usage": null` member and the comma joining it to a neighbour; None if it has none."""
+    found = _USAGE_NULL.search(raw)
+    if found is None:
+        return None
+    start, end = found.span()
+    before = raw[:start].rstrip()
+    if before.endswith(b","):  # `..., "usage": null}`
+        return before[:-1] + raw[end:]
+    after = raw[end:].lstrip()
+    if after.startswith(b","):  # `{"usage": null, ...`
+        return raw[:start] + after[1:].lstrip()
+    return None
+
+
 def _usage_object(container: Mapping[str, Any]) -> Mapping[str, Any]:
     usage = container.get("usage")
     if not isinstance(usage, Mapping):
@@ -142,9 +168,12 @@ class ChatStreamMeter(SSEStreamMeter):
                 self.upstream_error = "stream_error"
             return event.raw
         if self._hide:
-            for form in _USAGE_NULL_FORMS:
+            for form in _USAGE_NULL_FORMS:  # OpenAI's compact JSON: a plain replace, no regex on the hot path
                 if form in data:
                     return event.raw.replace(form, b"", 1)
+            stripped = _without_usage_null(event.raw)
+            if stripped is not None:
+                return stripped
         try:
             chunk = require_dict(orjson.loads(data), "stream chunk")
         except (orjson.JSONDecodeError, UsageError) as exc:
@@ -216,22 +245,34 @@ class OpenAIApi(ApiAdapter):
 
     def request_facts(self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None) -> RequestFacts:
         # Azure deployment paths name the deployment in the path and may leave `model` out of the body.
-        model = path_model if path_model is not None else body.get("model")
-        if not isinstance(model, str) or not model:
-            raise bad_request("you must provide a model parameter", "missing_model")
-        stream = body.get("stream") is True
-        cap = body.get("max_completion_tokens", body.get("max_output_tokens", body.get("max_tokens")))
+        model = path_model if path_model is not None else read_model(body.get("model"))
+        stream = read_flag(body, "stream")
+        if endpoint.operation == "responses" and read_flag(body, "background") and not stream:
+            # A background response answers before it runs, without usage, and is read back later: until the
+            # gateway meters that read-back, it would be unmetered spend.
+            raise bad_request(
+                "background: background responses are not supported through metergate yet; "
+                "stream the response instead (stream: true, background: true is accepted)",
+                "unsupported_feature",
+            )
+        caps = [
+            cap
+            for name in ("max_completion_tokens", "max_output_tokens", "max_tokens")
+            if (cap := read_count(body, name, bound=MAX_OUTPUT_TOKENS)) is not None
+        ]
         inject = False
         if stream and endpoint.operation in ("chat", "completions"):
-            options = body.get("stream_options")
-            inject = not (isinstance(options, dict) and options.get("include_usage") is True)
-        n = max(_positive(body.get("n")), _positive(body.get("best_of")))
+            options = read_object(body, "stream_options")
+            inject = not read_flag(options, "include_usage", "stream_options.include_usage")
+        n = read_count(body, "n", bound=MAX_CHOICES) or 1
+        best_of = read_count(body, "best_of", bound=MAX_CHOICES) or 1
         return RequestFacts(
             model=model,
             stream=stream,
-            max_output_tokens=cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None,
+            # The largest cap given is the worst case, whichever of them the provider applies.
+            max_output_tokens=(max(caps) or None) if caps else None,
             inject_stream_usage=inject,
-            choices=n,
+            choices=max(n, best_of),
         )
 
     def upstream_body(self, body: dict[str, Any], facts: RequestFacts, upstream_model: str | None) -> dict[str, Any]:
@@ -253,10 +294,6 @@ class OpenAIApi(ApiAdapter):
         if endpoint.operation == "responses":
             return ResponsesStreamMeter()
         return ChatStreamMeter(hide_usage=facts.inject_stream_usage)
-
-
-def _positive(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
 class OpenAIUpstream(Upstream):

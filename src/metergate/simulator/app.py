@@ -11,7 +11,7 @@ import re
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import orjson
 
@@ -31,6 +31,12 @@ _REPORTABLE = {
     "anthropic": lambda b: Billed(b.input, b.output, b.cached, b.cache_write, b.cache_write_1h, 0),
     "gemini": lambda b: Billed(b.input, b.output, b.cached, 0, 0, b.reasoning),
 }
+
+
+def _field_mask(query: str) -> set[str] | None:
+    """Google's `fields` system parameter: only the named top-level fields are returned."""
+    values = parse_qs(query).get("fields")
+    return {f.strip() for v in values for f in v.split(",")} if values else None
 
 
 class SimulatedProvider:
@@ -112,13 +118,13 @@ class SimulatedProvider:
             await self._error(wire, family, 400, "Request body must be a JSON object.")
             return
         model = model or str(body.get("model", ""))
-        stream = body.get("stream") is True or api == "gemini.streamGenerateContent"
         cap = body.get("max_completion_tokens", body.get("max_output_tokens", body.get("max_tokens")))
         config = body.get("generationConfig")
         if isinstance(config, dict):
             cap = config.get("maxOutputTokens", cap)
         embedding = api.endswith(("embeddings", "embedContent", "batchEmbedContents"))
         plan = make_plan(headers, raw, cap if isinstance(cap, int) else None, embedding=embedding)
+        stream = plan.flag(body.get("stream")) or api == "gemini.streamGenerateContent"
         plan.billed = _REPORTABLE["openai" if family == "azure" else family](plan.billed)
         bill = Bill(
             api=api, model=model, tag=plan.tag, stream=stream, planned=plan.billed.copy(), headers=headers, query=query
@@ -128,6 +134,10 @@ class SimulatedProvider:
             await asyncio.sleep(plan.delay_s)
         if plan.fail == "hang":
             await asyncio.sleep(3600)
+            return
+        if plan.redirect_to is not None:
+            bill.status, bill.planned = 307, Billed()
+            await wire.json(307, openai.error(307, "Moved."), {"location": plan.redirect_to})
             return
         status = plan.fail_status
         if status is not None:
@@ -167,9 +177,9 @@ class SimulatedProvider:
         elif api == "anthropic.count_tokens":
             await anthropic.count_tokens(body, plan, bill, wire)
         elif api == "gemini.generateContent":
-            await gemini.generate(body, model, plan, bill, wire, sse=False)
+            await gemini.generate(body, model, plan, bill, wire, sse=False, fields=_field_mask(query))
         elif api == "gemini.streamGenerateContent":
-            await gemini.generate(body, model, plan, bill, wire, sse="alt=sse" in query)
+            await gemini.generate(body, model, plan, bill, wire, sse="alt=sse" in query, fields=_field_mask(query))
         elif api in ("gemini.embedContent", "gemini.batchEmbedContents"):
             await gemini.embed(body, plan, bill, wire, batch=api == "gemini.batchEmbedContents")
         elif api == "gemini.countTokens":

@@ -50,7 +50,9 @@ def _json_spaced(obj: Any) -> bytes:
     return orjson.dumps(obj).replace(b'":', b'": ')
 
 
-async def generate(body: dict[str, Any], model: str, plan: Plan, bill: Bill, wire: Wire, *, sse: bool) -> None:
+async def generate(
+    body: dict[str, Any], model: str, plan: Plan, bill: Bill, wire: Wire, *, sse: bool, fields: set[str] | None = None
+) -> None:
     b = plan.billed
     thoughts = b.reasoning
     visible_total = b.output - thoughts
@@ -67,7 +69,7 @@ async def generate(body: dict[str, Any], model: str, plan: Plan, bill: Bill, wir
             out["usageMetadata"] = usage_metadata(b, visible, th, garble and finish)
         out["modelVersion"] = model
         out["responseId"] = response_id
-        return out
+        return out if fields is None else {k: v for k, v in out.items() if k in fields}
 
     if not bill.stream:
         response = chunk("".join(t for t, _ in parts), visible_total, thoughts, True)

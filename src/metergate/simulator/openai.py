@@ -108,7 +108,7 @@ async def chat(
         return
 
     options = body.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    include_usage = isinstance(options, dict) and plan.flag(options.get("include_usage"))
     chunk_obj = "text_completion" if legacy else "chat.completion.chunk"
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None, final: bool = False) -> bytes:
@@ -123,7 +123,7 @@ async def chat(
         if include_usage:
             data["usage"] = usage
         data["obfuscation"] = rand_id(3 + len(cid) % 7)
-        return sse(data)
+        return sse(data, spaced=plan.spaced_json)
 
     def delta(content: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
         if legacy:

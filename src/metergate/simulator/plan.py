@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 # Request headers that steer the simulator.
 TAG = "x-sim-tag"  # groups requests in the bill log, e.g. "team-a/app-1"
@@ -25,6 +26,8 @@ CHUNK_DELAY_MS = "x-sim-chunk-delay-ms"  # between stream events
 FAIL = "x-sim-fail"  # see Plan.fail
 RESPONSE_HEADER = "x-sim-response-header"  # "name=percent-encoded value": added to the response (UTF-8)
 LEGACY_DELTA = "x-sim-legacy-delta"  # "1": Anthropic message_delta carries output_tokens only (older API versions)
+LENIENT = "x-sim-lenient"  # "1": read booleans the way pydantic-based servers (vLLM...) do: "true" and 1 are true
+SPACED_JSON = "x-sim-spaced-json"  # "1": stream chunks written like Python's json.dumps ('"usage": null')
 
 
 @dataclass(slots=True)
@@ -67,10 +70,24 @@ class Plan:
     delay_s: float
     chunk_delay_s: float
     # None, "status:<code>", "reset-after:<events>", "malformed-json", "bad-usage", "no-usage", "stream-error",
-    # "hang"
+    # "hang", "redirect:<percent-encoded location>"
     fail: str | None
     tag: str | None
     legacy_delta: bool = False
+    spaced_json: bool = False
+    lenient: bool = False
+
+    def flag(self, value: object) -> bool:
+        """A boolean request field as this server reads it."""
+        if self.lenient:
+            return value is True or value == 1 or (isinstance(value, str) and value.lower() in ("true", "1", "yes"))
+        return value is True
+
+    @property
+    def redirect_to(self) -> str | None:
+        if self.fail and self.fail.startswith("redirect:"):
+            return unquote(self.fail.split(":", 1)[1])
+        return None
 
     @property
     def fail_status(self) -> int | None:
@@ -120,7 +137,13 @@ def make_plan(headers: dict[str, str], body: bytes, max_output: int | None, *, e
         fail=headers.get(FAIL),
         tag=headers.get(TAG),
         legacy_delta=headers.get(LEGACY_DELTA) == "1",
+        spaced_json=headers.get(SPACED_JSON) == "1",
+        lenient=headers.get(LENIENT) == "1",
     )
+
+
+# Text written per delta at most: a usage figure far beyond it (a hostile-upstream test) needs no text to match.
+_MAX_WORDS_PER_DELTA = 2000
 
 
 def split_text(tokens: int, pieces: int) -> list[tuple[str, int]]:
@@ -130,7 +153,8 @@ def split_text(tokens: int, pieces: int) -> list[tuple[str, int]]:
     out = []
     for i in range(pieces):
         n = base + (1 if i < extra else 0)
-        out.append((" ".join(_WORDS[(i + j) % len(_WORDS)] for j in range(n)) + (" " if n else ""), n))
+        words = min(n, _MAX_WORDS_PER_DELTA)
+        out.append((" ".join(_WORDS[(i + j) % len(_WORDS)] for j in range(words)) + (" " if n else ""), n))
     return out
 
 

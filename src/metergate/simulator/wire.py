@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import string
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -75,7 +76,8 @@ def _encode(headers: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
 
 
-def sse(data: Any, event: str | None = None, sep: bytes = b"\n\n") -> bytes:
-    payload = data if isinstance(data, bytes) else orjson.dumps(data)
+def sse(data: Any, event: str | None = None, sep: bytes = b"\n\n", spaced: bool = False) -> bytes:
+    """One SSE event; `spaced` writes the JSON the way Python's json.dumps does (some OpenAI-compatible servers)."""
+    payload = data if isinstance(data, bytes) else json.dumps(data).encode() if spaced else orjson.dumps(data)
     head = f"event: {event}\n".encode() if event else b""
     return head + b"data: " + payload + sep
