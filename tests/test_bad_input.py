@@ -216,18 +216,28 @@ def test_upstream_resets_mid_stream(gw: Gateway, simulator, tag: str, api: str) 
     assert after.delta(before, "llm_tokens_in", model=model) == expected_in
 
 
-@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("fail", ["bad-usage", "malformed-json"])
-def test_upstream_malformed_usage_or_json(gw: Gateway, simulator, tag: str, stream: bool, fail: str) -> None:
+def test_upstream_malformed_usage_or_json(gw: Gateway, simulator, tag: str, fail: str) -> None:
     before = gw.metrics()
     c = oai(gw, **{"x-sim-tag": tag, "x-sim-fail": fail})
     with pytest.raises(openai.APIError) as info:
-        result = c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=stream)
-        if stream:
-            list(result)
+        c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert "could not be metered" in str(info.value) or "not JSON" in str(info.value)
-    expected_type = "upstream_malformed" if (fail == "malformed-json" and not stream) else "upstream_malformed_usage"
+    expected_type = "upstream_malformed" if fail == "malformed-json" else "upstream_malformed_usage"
     assert errors(gw, before, expected_type) == 1
+    assert gw.metrics().delta(before, "llm_unmetered_requests_total") == 1
+
+
+@pytest.mark.parametrize("fail", ["bad-usage", "malformed-json"])
+def test_a_finished_stream_with_unreadable_usage_is_not_damaged(gw: Gateway, simulator, tag: str, fail: str) -> None:
+    """The client has its whole answer: the gateway never appends an error to a stream that finished normally. The
+    request is recorded as unmetered, with the provider's status."""
+    before = gw.metrics()
+    c = oai(gw, **{"x-sim-tag": tag, "x-sim-fail": fail})
+    chunks = list(c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
+    assert chunks and chunks[-1].choices[0].finish_reason == "stop"
+    assert gw.metrics().delta(before, "llm_errors_total", error_type="upstream_malformed_usage", code="200") == 1
+    assert gw.metrics().delta(before, "llm_unmetered_requests_total", code="200") == 1
 
 
 # The SDK warns while it builds its message from the garbled usage the simulator relays on purpose.
@@ -240,11 +250,12 @@ def test_anthropic_malformed_usage_in_stream(gw: Gateway, simulator, tag: str) -
         max_retries=0,
         default_headers={"x-sim-tag": tag, "x-sim-fail": "bad-usage"},
     )
-    with pytest.raises(anthropic.APIStatusError, match="could not be metered"):
-        with c.messages.stream(model="claude-haiku-4-5", max_tokens=100, messages=MESSAGES) as s:
-            for _ in s:
-                pass
+    # The stream finished normally, so it reaches the client undamaged; the request is recorded as unmetered.
+    with c.messages.stream(model="claude-haiku-4-5", max_tokens=100, messages=MESSAGES) as s:
+        for _ in s:
+            pass
     assert errors(gw, before, "upstream_malformed_usage") == 1
+    assert gw.metrics().delta(before, "llm_unmetered_requests_total", code="200") == 1
 
 
 def test_still_serving_after_all_that(gw: Gateway, simulator, tag: str) -> None:

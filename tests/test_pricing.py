@@ -29,7 +29,8 @@ from genai_prices.types import (
 )
 
 from metergate.config import PriceConfig
-from metergate.pricing import PriceBook, RateCard, override_price, reference_price
+from metergate.price_table import unit_price
+from metergate.pricing import PriceBook, RateCard, override_price, prices_unit, reference_price
 from metergate.usage import Usage
 
 MTOK = Decimal(1_000_000)
@@ -54,36 +55,53 @@ def catalogue_model(provider_id: str, model_id: str) -> ModelInfo:
 
 
 def random_usage(rng: random.Random, max_input: int = 600_000) -> Usage:
-    """A usage that respects the hierarchy: the cache and audio counts are parts of input, the rest of output."""
+    """A usage that respects the hierarchy: the input is cut into disjoint pieces (cache writes; cached text, audio
+    and image reads; uncached audio and image; the rest), and the modality and reasoning counts are parts of output."""
     scale = rng.choice((100, 5_000, 150_000, max_input))
     input_tokens = rng.randint(0, scale)
-    cache_read = rng.randint(0, input_tokens) if rng.random() < 0.6 else 0
-    cache_write = rng.randint(0, input_tokens - cache_read) if rng.random() < 0.4 else 0
-    cache_write_1h = rng.randint(0, cache_write) if rng.random() < 0.5 else 0
-    input_audio = rng.randint(0, input_tokens) if rng.random() < 0.15 else 0
+    pieces = {}
+    left = input_tokens
+    for name, chance in (
+        ("cache_write", 0.4),
+        ("cache_text", 0.6),
+        ("cache_audio", 0.1),
+        ("cache_image", 0.1),
+        ("audio", 0.15),
+        ("image", 0.15),
+    ):
+        pieces[name] = rng.randint(0, left) if rng.random() < chance else 0
+        left -= pieces[name]
+    cache_write = pieces["cache_write"]
     output_tokens = rng.randint(0, rng.choice((50, 4_000, 64_000)))
-    reasoning = rng.randint(0, output_tokens) if rng.random() < 0.4 else 0
     output_audio = rng.randint(0, output_tokens) if rng.random() < 0.15 else 0
+    output_image = rng.randint(0, output_tokens - output_audio) if rng.random() < 0.15 else 0
     web_searches = rng.randint(1, 12) if rng.random() < 0.2 else 0
     return Usage(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        cache_read_tokens=cache_read,
+        cache_read_tokens=pieces["cache_text"] + pieces["cache_audio"] + pieces["cache_image"],
         cache_write_tokens=cache_write,
-        cache_write_1h_tokens=cache_write_1h,
-        reasoning_tokens=reasoning,
-        input_audio_tokens=input_audio,
+        cache_write_1h_tokens=rng.randint(0, cache_write) if rng.random() < 0.5 else 0,
+        reasoning_tokens=rng.randint(0, output_tokens) if rng.random() < 0.4 else 0,
+        input_audio_tokens=pieces["audio"] + pieces["cache_audio"],
+        cache_audio_read_tokens=pieces["cache_audio"],
+        input_image_tokens=pieces["image"] + pieces["cache_image"],
+        cache_image_read_tokens=pieces["cache_image"],
         output_audio_tokens=output_audio,
-        web_searches=web_searches,
+        output_image_tokens=output_image,
+        units={"web_search": web_searches},
     )
 
 
 def assert_valid_hierarchy(u: Usage) -> None:
     assert u.cache_read_tokens + u.cache_write_tokens <= u.input_tokens
     assert u.cache_write_1h_tokens <= u.cache_write_tokens
-    assert u.input_audio_tokens <= u.input_tokens
+    assert u.cache_audio_read_tokens <= min(u.cache_read_tokens, u.input_audio_tokens)
+    assert u.cache_image_read_tokens <= min(u.cache_read_tokens, u.input_image_tokens)
+    uncached_media = u.input_audio_tokens - u.cache_audio_read_tokens + u.input_image_tokens - u.cache_image_read_tokens
+    assert u.cache_read_tokens + u.cache_write_tokens + uncached_media <= u.input_tokens
     assert u.reasoning_tokens <= u.output_tokens
-    assert u.output_audio_tokens <= u.output_tokens
+    assert u.output_audio_tokens + u.output_image_tokens <= u.output_tokens
 
 
 def genai_usage(u: Usage) -> PriceUsage:
@@ -95,10 +113,28 @@ def genai_usage(u: Usage) -> PriceUsage:
         cache_write_tokens=u.cache_write_tokens,
         cache_write_1h_tokens=u.cache_write_1h_tokens,
         input_audio_tokens=u.input_audio_tokens,
+        cache_audio_read_tokens=u.cache_audio_read_tokens,
+        input_image_tokens=u.input_image_tokens,
+        cache_image_read_tokens=u.cache_image_read_tokens,
         output_audio_tokens=u.output_audio_tokens,
-        web_searches=u.web_searches,
-        cache_audio_read_tokens=0,
+        output_image_tokens=u.output_image_tokens,
+        web_searches=(u.units or {}).get("web_search", 0),
     )
+
+
+def table_units(
+    book: PriceBook, provider_id: str, model_id: str, usage: Usage, at: datetime, context: dict[str, str] | None = None
+) -> Decimal:
+    """What metergate's dated table (price_table.py) adds for the units genai-prices does not price for a model."""
+    entry = book.lookup(provider_id, model_id)
+    assert entry is not None
+    price = entry.model.get_prices(at, context)
+    total = Decimal(0)
+    for unit, n in (usage.units or {}).items():
+        found = unit_price(provider_id, model_id, unit, at)
+        if n and not prices_unit(price, unit) and found is not None:
+            total += found.usd * n
+    return total
 
 
 def price_sets(model: ModelInfo) -> Iterator[tuple[str, ModelPrice]]:
@@ -225,7 +261,7 @@ def test_rate_card_at_the_200k_tier_boundary(provider_id: str, model_id: str) ->
                 cache_write_tokens=cache_write,
                 cache_write_1h_tokens=rng.randint(0, cache_write),
                 reasoning_tokens=rng.randint(0, output),
-                web_searches=rng.randint(0, 3),
+                units={"web_search": rng.randint(0, 3)},
             )
             tally.compare(f"{model_id} input={input_tokens}", card, price, usage)
     tally.assert_ok(min_checked=400)
@@ -313,7 +349,7 @@ def test_price_book_follows_start_date_constraints() -> None:
                     ).total_price
                 except ValueError:
                     continue
-                assert got == want, (provider_id, model.id, at, usage)
+                assert got == want + table_units(book, provider_id, model.id, usage, at), (provider_id, model.id, at)
                 figures.append(got)
             if len(figures) == 3 and figures[0] != figures[1]:
                 changed.add((provider_id, model.id))
@@ -388,6 +424,7 @@ def test_price_book_service_tier_variants_match_genai_prices(tier: str | None) -
                     genai_request_timestamp=at,
                     price_context=context,
                 ).total_price
+                want += table_units(book, "openai", model.id, usage, at, context)
                 assert book.price("openai", "openai", model.id, usage, at, service_tier=tier) == want, (model.id, at)
     tally.assert_ok(min_checked=300)
 
@@ -466,7 +503,7 @@ def test_price_book_matches_genai_prices_public_api_for_core_models() -> None:
                     skipped += 1
                     continue
                 checked += 1
-                assert got == want, (provider_id, model.id, usage)
+                assert got == want + table_units(book, provider_id, model.id, usage, AT), (provider_id, model.id)
     assert checked >= 1_000
     assert skipped <= MAX_SKIPPED_FRACTION * (checked + skipped)
     assert len(unmatched) <= 5, unmatched
@@ -505,7 +542,7 @@ def test_claude_haiku_4_5_by_hand() -> None:
     assert book.price("anthropic", "anthropic", "claude-haiku-4-5", usage, AT) == Decimal("0.08")
     assert book.price("anthropic", "anthropic", "claude-haiku-4-5-20251001", usage, AT) == Decimal("0.08")
     # Web searches: $10 per thousand.
-    searched = Usage(input_tokens=1_000, output_tokens=100, web_searches=3)
+    searched = Usage(input_tokens=1_000, output_tokens=100, units={"web_search": 3})
     # 1,000*1e-6 + 100*5e-6 + 3*0.01 = 0.001 + 0.0005 + 0.03
     assert book.price("anthropic", "anthropic", "claude-haiku-4-5", searched, AT) == Decimal("0.0315")
 

@@ -565,7 +565,7 @@ def test_anthropic_input_is_the_sum_of_fresh_cache_read_and_cache_write() -> Non
         cache_read_tokens=1000,
         cache_write_tokens=300,
         cache_write_1h_tokens=200,
-        web_searches=2,
+        units={"web_search": 2},
     )
 
 
@@ -755,39 +755,50 @@ def test_malformed_detail_objects_are_rejected(parse: Parser, usage: dict[str, A
 
 
 @pytest.mark.parametrize(
-    ("parse", "usage"),
+    ("parse", "usage", "settled"),
     [
         pytest.param(
             parse_openai_usage,
             {"prompt_tokens": 12, "completion_tokens": 100, "prompt_tokens_details": {"cached_tokens": 13}},
+            Usage(input_tokens=12, output_tokens=100, cache_read_tokens=12),
             id="openai-cached",
         ),
         pytest.param(
             parse_openai_usage,
             {"prompt_tokens": 12, "completion_tokens": 100, "prompt_cache_hit_tokens": 13},
+            Usage(input_tokens=12, output_tokens=100, cache_read_tokens=12),
             id="deepseek-cache-hit",
         ),
         pytest.param(
             parse_openai_usage,
             {"prompt_tokens": 12, "completion_tokens": 100, "prompt_tokens_details": {"audio_tokens": 13}},
+            Usage(input_tokens=12, output_tokens=100, input_audio_tokens=12),
             id="openai-audio-in",
         ),
         pytest.param(
             parse_openai_usage,
             {"prompt_tokens": 12, "completion_tokens": 100, "completion_tokens_details": {"reasoning_tokens": 101}},
+            Usage(input_tokens=12, output_tokens=100, reasoning_tokens=100),
             id="openai-reasoning",
         ),
         pytest.param(
             parse_responses_usage,
             {"input_tokens": 13, "output_tokens": 6, "input_tokens_details": {"cached_tokens": 14}},
+            Usage(input_tokens=13, output_tokens=6, cache_read_tokens=13),
             id="responses-cached",
         ),
         pytest.param(
             parse_responses_usage,
             {"input_tokens": 13, "output_tokens": 6, "output_tokens_details": {"reasoning_tokens": 7}},
+            Usage(input_tokens=13, output_tokens=6, reasoning_tokens=6),
             id="responses-reasoning",
         ),
-        pytest.param(parse_gemini_usage, {"promptTokenCount": 29, "cachedContentTokenCount": 30}, id="gemini-cached"),
+        pytest.param(
+            parse_gemini_usage,
+            {"promptTokenCount": 29, "cachedContentTokenCount": 30},
+            Usage(input_tokens=29, cache_read_tokens=29),
+            id="gemini-cached",
+        ),
         pytest.param(
             parse_anthropic_usage,
             {
@@ -795,13 +806,22 @@ def test_malformed_detail_objects_are_rejected(parse: Parser, usage: dict[str, A
                 "cache_creation_input_tokens": 100,
                 "cache_creation": {"ephemeral_1h_input_tokens": 101},
             },
+            # The TTL breakdown is what Anthropic billed (a total of 0 beside it has been seen upstream).
+            Usage(input_tokens=105, cache_write_tokens=101, cache_write_1h_tokens=101),
             id="anthropic-1h",
         ),
     ],
 )
-def test_subset_larger_than_its_total_is_rejected(parse: Parser, usage: dict[str, Any]) -> None:
-    with pytest.raises(UsageError):
-        parse(usage)
+def test_a_subset_larger_than_its_total_is_recorded_settled_and_flagged(
+    parse: Parser, usage: dict[str, Any], settled: Usage
+) -> None:
+    """Issue 9: contradictory figures are never rejected (the request was billed) nor extrapolated into a negative
+    component: the totals stand, the split inside them gives way (a discount before a surcharge), and the usage is
+    flagged so the ledger and llm_usage_anomalies_total show it."""
+    got = parse(usage)
+    assert got.flags == ("inconsistent",)
+    got.flags = ()
+    assert got == settled
 
 
 # ==============================================================================================================
@@ -1069,7 +1089,7 @@ def test_anthropic_legacy_message_delta_with_output_only() -> None:
 
 def test_anthropic_server_tool_input_growing_in_message_delta() -> None:
     usage = parse_anthropic_stream(events_of(sse(*ANTHROPIC_WEB_SEARCH)))
-    assert usage == Usage(input_tokens=10682, output_tokens=510, web_searches=1)
+    assert usage == Usage(input_tokens=10682, output_tokens=510, units={"web_search": 1})
 
 
 def test_anthropic_several_message_delta_events_latest_wins() -> None:
@@ -1077,7 +1097,7 @@ def test_anthropic_several_message_delta_events_latest_wins() -> None:
     meter = MessagesStreamMeter()
     assert relay(meter, [upstream]) == upstream
     assert meter.usage() == Usage(
-        input_tokens=2684 + 22100, output_tokens=151, cache_write_tokens=22100, web_searches=2
+        input_tokens=2684 + 22100, output_tokens=151, cache_write_tokens=22100, units={"web_search": 2}
     )
 
 
@@ -1103,8 +1123,10 @@ def test_anthropic_error_event_sets_upstream_error_and_keeps_what_was_seen() -> 
         assert relay(meter, chunks) == upstream, cut_sizes(chunks)
         assert meter.upstream_error == "stream_error"
         assert not meter.finished
-        # Only message_start was seen: its input figures and its intermediate output count.
-        assert meter.usage() == Usage(input_tokens=22104, output_tokens=1, cache_write_tokens=22100)
+        # Only message_start was seen: its input figures and its intermediate output count, a lower bound.
+        assert meter.usage() == Usage(
+            input_tokens=22104, output_tokens=1, cache_write_tokens=22100, flags=("incomplete",)
+        )
 
 
 def test_anthropic_stream_without_message_start_cannot_be_metered() -> None:

@@ -186,6 +186,18 @@ class PriceConfig(_Model):
     output_mtok: float = Field(default=0.0, ge=0, le=1e6)
     cache_read_mtok: float | None = Field(default=None, ge=0, le=1e6)
     cache_write_mtok: float | None = Field(default=None, ge=0, le=1e6)
+    # USD per non-token unit (web_search, web_fetch, file_search, code_interpreter_session...): README "Units".
+    units: dict[str, Annotated[float, Field(ge=0, le=1e6)]] = Field(default_factory=dict)
+
+    @field_validator("units")
+    @classmethod
+    def _known_units(cls, v: dict[str, float]) -> dict[str, float]:
+        from metergate.usage import UNITS
+
+        unknown = sorted(set(v) - UNITS)
+        if unknown:
+            raise ValueError(f"unknown unit {unknown[0]!r}; known: {', '.join(sorted(UNITS))}")
+        return v
 
     def matches(self, provider: str, model: str) -> bool:
         return (self.provider is None or self.provider == provider) and fnmatchcase(model, self.model)

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import count as counter
@@ -39,7 +39,7 @@ from metergate.pricing import PriceBook
 from metergate.providers import API_ADAPTERS, RequestFacts, StreamMeter, Upstream
 from metergate.providers.gemini import GeminiApi, GeminiUpstream
 from metergate.routing import Route, Router
-from metergate.usage import Usage, UsageError, UsageRecord
+from metergate.usage import Usage, UsageError, UsageMissing, UsageRecord
 
 log = logging.getLogger("metergate.gateway")
 
@@ -423,7 +423,7 @@ class Gateway:
                     ),
                 )
             try:
-                usage = API_ADAPTERS[ctx.family].usage_from_body(endpoint, parsed)
+                usage = API_ADAPTERS[ctx.family].usage_from_body(endpoint, parsed, ctx.facts)
             except UsageError as exc:
                 if ctx.family == "gemini" and endpoint.operation in ("embed", "batch_embed"):
                     count_later = True
@@ -495,11 +495,12 @@ class Gateway:
         except UsageError as exc:
             usage, metered = Usage(), False
             if error_type is None:
-                error_type = "upstream_malformed_usage"
-                error_message = f"The upstream provider's usage could not be metered: {exc}"
-            log.warning("request %s: usage not metered: %s", ctx.request_id, exc)
+                # The stream itself ended cleanly: the client has its whole answer, which the gateway never
+                # damages. The request is recorded as unmetered (llm_unmetered_requests_total) for alerting.
+                error_type = "usage_missing" if isinstance(exc, UsageMissing) else "upstream_malformed_usage"
+            log.warning("request %s: usage not metered: %s", ctx.request_id, bounded(str(exc)))
         code = response.status
-        if error_type is None and meter.upstream_error is not None:
+        if error_type in (None, "usage_missing") and meter.upstream_error is not None:
             error_type = "upstream_stream_error"
         if drain_deadline is not None:
             code = 499
@@ -507,7 +508,7 @@ class Gateway:
         else:
             if error_type == "upstream_timeout":
                 code = 504
-            elif error_type in ("upstream_reset", "upstream_malformed_usage"):
+            elif error_type == "upstream_reset":
                 code = 502
             if error_message:
                 await out.send(stream_error_event(ctx.family, ctx.match.endpoint.operation, error_message), more=True)
@@ -579,15 +580,14 @@ class Gateway:
             record.set_cost(_ZERO)
             return
         upstream = route.upstream
-        cost = self.prices.price(
+        quote = self.prices.quote(
             upstream.name,
             upstream.config.pricing_provider_id,
             upstream.pricing_model(route.upstream_model),
-            usage,
+            _served_from(usage, upstream),
             datetime.fromtimestamp(ctx.started_at, UTC),
-            usage.service_tier,
         )
-        record.set_cost(cost)
+        record.set_cost(quote.usd, quote.complete, quote.notes)
 
     def _emit(self, record: UsageRecord, ctx: RequestContext) -> None:
         """Count a finished request everywhere it must be counted, exactly once."""
@@ -692,6 +692,17 @@ def _json_object(body: bytes) -> dict[str, Any]:
 def _relay_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
     # The raw bytes as the provider sent them: decoding and re-encoding could fail on a non-Latin-1 value.
     return [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in _DROP_RESPONSE_BYTES]
+
+
+def _served_from(usage: Usage, upstream: Upstream) -> Usage:
+    """The usage with the serving region the upstream implies, when the response cannot say it (OpenAI data
+    residency endpoints: us., eu., ae.api.openai.com)."""
+    region = upstream.region
+    if region is None or usage.region is not None:
+        return usage
+    return replace(
+        usage, region=region, parts=tuple(replace(p, usage=replace(p.usage, region=region)) for p in usage.parts)
+    )
 
 
 def _upstream_error_type(status: int) -> str:

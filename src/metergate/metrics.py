@@ -88,6 +88,7 @@ class _Series:
         "tokens_in",
         "tokens_out",
         "ttft",
+        "unmetered",
         "unpriced",
     )
 
@@ -100,6 +101,7 @@ class _Series:
         self.reasoning_out = 0
         self.cost = 0.0
         self.unpriced = 0
+        self.unmetered = 0
         self.latency = _Histogram(LATENCY_BUCKETS)
         self.ttft: _Histogram | None = None
 
@@ -135,6 +137,8 @@ class Meter(Collector):
         series.cost += float(rec.cost_usd)
         if not rec.priced:
             series.unpriced += 1
+        if not rec.metered:
+            series.unmetered += 1
         series.latency.observe(rec.latency_s)
         if rec.ttft_s is not None:
             if series.ttft is None:
@@ -192,6 +196,11 @@ class Meter(Collector):
             "Requests for a model with no known price (cost not counted).",
             labels=LABELS,
         )
+        unmetered = CounterMetricFamily(
+            "llm_unmetered_requests",
+            "Requests that reached a provider whose usage could not be read (billed, not in tokens or cost).",
+            labels=LABELS,
+        )
         latency = HistogramMetricFamily(
             "llm_latency_seconds", "Time from request start to the last byte of the response.", labels=LABELS
         )
@@ -204,6 +213,8 @@ class Meter(Collector):
             requests.add_metric(key, s.requests)
             if s.unpriced:
                 unpriced.add_metric(key, s.unpriced)
+            if s.unmetered:
+                unmetered.add_metric(key, s.unmetered)
             latency.add_metric(key, s.latency.cumulative(), s.latency.sum)
             if s.ttft is not None:
                 ttft.add_metric(key, s.ttft.cumulative(), s.ttft.sum)
@@ -217,6 +228,7 @@ class Meter(Collector):
         yield latency
         yield ttft
         yield unpriced
+        yield unmetered
         in_flight = GaugeMetricFamily("llm_requests_in_flight", "Requests being served now.", labels=IN_FLIGHT_LABELS)
         for flight_key, n in list(self._in_flight.items()):
             in_flight.add_metric(flight_key, n)

@@ -39,6 +39,7 @@ class RequestFacts:
     # upstream and hides it from the client.
     inject_stream_usage: bool = False
     choices: int = 1  # completions generated per request (OpenAI n / best_of, Gemini candidateCount)
+    image_model: str | None = None  # the model of the Responses image_generation tool, when the request names one
 
 
 class StreamMeter(ABC):
@@ -105,8 +106,8 @@ class ApiAdapter(ABC):
         """The body to send upstream when it must differ from the client's (alias, usage request)."""
 
     @abstractmethod
-    def usage_from_body(self, endpoint: Endpoint, body: Any) -> Usage:
-        """Usage from a complete (non-streamed) JSON response."""
+    def usage_from_body(self, endpoint: Endpoint, body: Any, facts: RequestFacts | None = None) -> Usage:
+        """Usage from a complete (non-streamed) JSON response to the request `facts` describe."""
 
     @abstractmethod
     def stream_meter(self, endpoint: Endpoint, facts: RequestFacts, sse: bool) -> StreamMeter:
@@ -122,6 +123,10 @@ class Upstream(ABC):
         self.name = name
         self.config = config
         self._secret = secret
+        # OpenAI's data residency endpoints (us., eu., ae.api.openai.com) bill a regional uplift on newer models.
+        host = config.base_url.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+        prefix = host.split(".", 1)[0]
+        self.region = prefix if host.endswith(".api.openai.com") and prefix in ("us", "eu", "ae") else None
 
     def serves(self, match: EndpointMatch) -> bool:
         return match.endpoint.family == self.family and not match.endpoint.azure_path

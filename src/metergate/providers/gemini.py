@@ -12,6 +12,7 @@ generateContent); responses from before that field existed carry none, and then 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -34,36 +35,93 @@ from metergate.providers.base import (
 )
 from metergate.query import query_items, query_value
 from metergate.sse import SSEEvent
-from metergate.usage import Usage, UsageError, count, tier_of
+from metergate.usage import Usage, UsageError, UsageMissing, count, settle, tier_of
 
 _USAGE_KEY = b'"usageMetadata"'
 # Streamed JSON arrays are kept whole to be parsed at the end; beyond this size only the tail is kept.
 _ARRAY_TAIL_BYTES = 4 * 1024 * 1024
 
 
-def parse_gemini_usage(meta: Mapping[str, Any]) -> Usage:
+_MODALITIES = ("TEXT", "AUDIO", "IMAGE", "VIDEO", "DOCUMENT")
+
+
+def _by_modality(meta: Mapping[str, Any], name: str) -> dict[str, int]:
+    """A `*TokensDetails` list as token counts per modality (Google prices DOCUMENT pages as images)."""
+    details = meta.get(name) or []
+    if not isinstance(details, list):
+        raise UsageError(f"{name} is not a list")
+    counts = dict.fromkeys(_MODALITIES, 0)
+    for item in details:
+        if isinstance(item, Mapping):
+            modality = item.get("modality")
+            key = "IMAGE" if modality == "DOCUMENT" else modality if modality in counts else "TEXT"
+            counts[key] += count(item.get("tokenCount"), f"{name}.tokenCount")
+    return counts
+
+
+def parse_gemini_usage(meta: Mapping[str, Any], model: str | None = None, queries: Iterable[object] = ()) -> Usage:
+    """`usageMetadata` of generateContent, and the grounding searches of the response (`webSearchQueries`).
+
+    Every modality list is a breakdown of its total: `promptTokensDetails` of `promptTokenCount` (cached tokens
+    included), `cacheTokensDetails` of `cachedContentTokenCount`, `candidatesTokensDetails` of
+    `candidatesTokenCount`. Uncached audio is prompt AUDIO minus cached AUDIO; what no list names is text. Tool
+    results (`toolUsePromptTokenCount`, grounding, URL context, code execution) are input.
+    """
     prompt = count(meta.get("promptTokenCount"), "promptTokenCount")
     cached = count(meta.get("cachedContentTokenCount"), "cachedContentTokenCount")
     candidates = count(meta.get("candidatesTokenCount"), "candidatesTokenCount")
     thoughts = count(meta.get("thoughtsTokenCount"), "thoughtsTokenCount")
     tool_prompt = count(meta.get("toolUsePromptTokenCount"), "toolUsePromptTokenCount")
-    if cached > prompt:
-        raise UsageError(f"cachedContentTokenCount exceeds promptTokenCount ({cached} > {prompt})")
-    audio_in = 0
-    details = meta.get("promptTokensDetails") or []
-    if not isinstance(details, list):
-        raise UsageError("promptTokensDetails is not a list")
-    for item in details:
-        if isinstance(item, Mapping) and item.get("modality") == "AUDIO":
-            audio_in += count(item.get("tokenCount"), "promptTokensDetails.tokenCount")
-    return Usage(
+    prompt_m = _by_modality(meta, "promptTokensDetails")
+    tool_m = _by_modality(meta, "toolUsePromptTokensDetails")
+    cache_m = _by_modality(meta, "cacheTokensDetails")
+    out_m = _by_modality(meta, "candidatesTokensDetails")
+    # Some responses leave candidatesTokenCount out while listing the candidates' modalities.
+    candidates = max(candidates, sum(out_m.values()))
+    tier = meta.get("serviceTier")
+    usage = Usage(
         input_tokens=prompt + tool_prompt,
         output_tokens=candidates + thoughts,
         cache_read_tokens=cached,
         reasoning_tokens=thoughts,
-        input_audio_tokens=min(audio_in, prompt),
-        service_tier=tier_of(meta.get("serviceTier")),
+        input_audio_tokens=prompt_m["AUDIO"] + tool_m["AUDIO"],
+        cache_audio_read_tokens=cache_m["AUDIO"],
+        input_image_tokens=prompt_m["IMAGE"] + tool_m["IMAGE"],
+        cache_image_read_tokens=cache_m["IMAGE"],
+        output_audio_tokens=out_m["AUDIO"],
+        output_image_tokens=out_m["IMAGE"],
+        service_tier=tier_of(tier),
     )
+    usage.add_units("web_search", grounding_units(model, queries))
+    return settle(usage)
+
+
+def grounding_units(model: str | None, queries: Iterable[object]) -> int:
+    """Billed Grounding with Google Search units: Gemini 3 and later bill each unique non-empty query; earlier
+    models bill one grounded prompt per request that searched (ai.google.dev/gemini-api/docs/pricing)."""
+    unique = {q for q in queries if isinstance(q, str) and q.strip()}
+    if not unique:
+        return 0
+    per_query = model is not None and re.match(r"^(models/)?gemini-([3-9]|\d\d)", model) is not None
+    return len(unique) if per_query else 1
+
+
+def search_queries(chunk: Any) -> list[object]:
+    """The `webSearchQueries` of every candidate's grounding metadata in a response or stream chunk."""
+    found: list[object] = []
+    candidates = chunk.get("candidates") if isinstance(chunk, Mapping) else None
+    if isinstance(candidates, list):
+        for candidate in candidates:
+            grounding = candidate.get("groundingMetadata") if isinstance(candidate, Mapping) else None
+            queries = grounding.get("webSearchQueries") if isinstance(grounding, Mapping) else None
+            if isinstance(queries, list):
+                found.extend(queries[:1000])
+    return found
+
+
+def _model_version(chunk: Any) -> str | None:
+    version = chunk.get("modelVersion") if isinstance(chunk, Mapping) else None
+    return version if isinstance(version, str) and len(version) <= 256 else None
 
 
 def parse_gemini_embedding_usage(meta: Mapping[str, Any]) -> Usage:
@@ -91,16 +149,33 @@ def _usage_metadata(obj: Any) -> Mapping[str, Any] | None:
 
 
 class GeminiSSEMeter(SSEStreamMeter):
-    """`:streamGenerateContent?alt=sse`: the last chunk carrying usageMetadata holds the totals."""
+    """`:streamGenerateContent?alt=sse`: each chunk's usageMetadata is a running snapshot, so every field takes its
+    latest value (never a sum); a field a later chunk leaves out keeps its last value (Vertex chunks may carry only
+    `trafficType`). Grounding queries are collected from every chunk."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str | None = None) -> None:
         super().__init__()
-        self._last_usage_data: bytes | None = None
+        self._meta: dict[str, Any] = {}
+        self._seen_usage = False
+        self._queries: list[object] = []
+        self._model = model
+        self._error: UsageError | None = None
 
     def observe(self, event: SSEEvent) -> bytes | None:
         data = event.data
-        if _USAGE_KEY in data:
-            self._last_usage_data = data
+        if _USAGE_KEY in data or b'"webSearchQueries"' in data:
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                self._error = UsageError(f"malformed chunk: {exc}")
+            else:
+                meta = _usage_metadata(chunk)
+                if meta is not None:
+                    self._seen_usage = True
+                    self._meta.update((k, v) for k, v in meta.items() if v is not None)
+                if len(self._queries) < 10_000:
+                    self._queries.extend(search_queries(chunk))
+                self._model = _model_version(chunk) or self._model
         if b'"finishReason"' in data:
             self.finished = True
         elif data.startswith(b'{"error"'):
@@ -108,23 +183,20 @@ class GeminiSSEMeter(SSEStreamMeter):
         return event.raw
 
     def usage(self) -> Usage:
-        if self._last_usage_data is None:
-            raise UsageError("the stream carried no usageMetadata")
-        try:
-            meta = _usage_metadata(orjson.loads(self._last_usage_data))
-        except orjson.JSONDecodeError as exc:
-            raise UsageError(f"malformed chunk: {exc}") from exc
-        if meta is None:
-            raise UsageError("usageMetadata is not an object")
-        return parse_gemini_usage(meta)
+        if not self._seen_usage:
+            raise self._error or UsageMissing("the stream carried no usageMetadata")
+        if self._error is not None and not self.finished:
+            raise self._error
+        return parse_gemini_usage(self._meta, self._model, self._queries)
 
 
 class GeminiArrayMeter(StreamMeter):
     """`:streamGenerateContent` without `alt=sse`: one JSON array, relayed as it arrives, parsed at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str | None = None) -> None:
         super().__init__()
         self._body = bytearray()
+        self._model = model
 
     def feed(self, chunk: bytes) -> bytes:
         if b'"finishReason"' in chunk:
@@ -140,19 +212,32 @@ class GeminiArrayMeter(StreamMeter):
             chunks = orjson.loads(body)
         except orjson.JSONDecodeError:
             # Cut short (or trimmed): the last complete usageMetadata object still tells what was billed so far.
-            return parse_gemini_usage(_last_usage_in_text(body))
+            return parse_gemini_usage(_last_usage_in_text(body), self._model)
         if not isinstance(chunks, list):
             chunks = [chunks]
-        meta = None
         for chunk in chunks:
             if isinstance(chunk, Mapping) and "error" in chunk:
                 self.upstream_error = "stream_error"
-            meta = _usage_metadata(chunk) or meta
             if isinstance(chunk, Mapping) and _has_finish_reason(chunk):
                 self.finished = True
-        if meta is None:
-            raise UsageError("the stream carried no usageMetadata")
-        return parse_gemini_usage(meta)
+        return usage_of_chunks(chunks, self._model)
+
+
+def usage_of_chunks(chunks: list[Any], model: str | None = None) -> Usage:
+    """The usage of a streamed answer's chunks: every usageMetadata field at its latest value."""
+    meta: dict[str, Any] = {}
+    queries: list[object] = []
+    seen = False
+    for chunk in chunks:
+        found = _usage_metadata(chunk)
+        if found is not None:
+            seen = True
+            meta.update((k, v) for k, v in found.items() if v is not None)
+        queries.extend(search_queries(chunk))
+        model = _model_version(chunk) or model
+    if not seen:
+        raise UsageMissing("the stream carried no usageMetadata")
+    return parse_gemini_usage(meta, model, queries)
 
 
 _ALLOWED_QUERY = frozenset({"alt", "key", "prettyPrint", "$.xgafv"})
@@ -253,21 +338,19 @@ class GeminiApi(ApiAdapter):
         renamed = [{**r, "model": f"models/{upstream_model}"} if isinstance(r, dict) else r for r in requests]
         return {**body, "requests": renamed}
 
-    def usage_from_body(self, endpoint: Endpoint, body: Any) -> Usage:
+    def usage_from_body(self, endpoint: Endpoint, body: Any, facts: RequestFacts | None = None) -> Usage:
+        model = facts.model if facts is not None else None
         if isinstance(body, list):  # a non-SSE streamGenerateContent answer read whole
-            metas = [m for chunk in body if (m := _usage_metadata(chunk)) is not None]
-            if not metas:
-                raise UsageError("the response has no usageMetadata")
-            return parse_gemini_usage(metas[-1])
+            return usage_of_chunks(body, model)
         meta = _usage_metadata(require_dict(body, "response"))
         if meta is None:
             raise UsageError("the response has no usageMetadata")
         if endpoint.operation in ("embed", "batch_embed"):
             return parse_gemini_embedding_usage(meta)
-        return parse_gemini_usage(meta)
+        return parse_gemini_usage(meta, _model_version(body) or model, search_queries(body))
 
     def stream_meter(self, endpoint: Endpoint, facts: RequestFacts, sse: bool) -> StreamMeter:
-        return GeminiSSEMeter() if sse else GeminiArrayMeter()
+        return GeminiSSEMeter(facts.model) if sse else GeminiArrayMeter(facts.model)
 
     @staticmethod
     def token_count_body(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -305,8 +388,8 @@ class GeminiUpstream(Upstream):
         return {"x-goog-api-key": self._secret} if self._secret else {}
 
 
-def parse_gemini_stream(events: Iterable[SSEEvent]) -> Usage:
-    meter = GeminiSSEMeter()
+def parse_gemini_stream(events: Iterable[SSEEvent], model: str | None = None) -> Usage:
+    meter = GeminiSSEMeter(model)
     for event in events:
         meter.observe(event)
     return meter.usage()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -33,9 +34,11 @@ from metergate.providers.base import (
     require_dict,
 )
 from metergate.sse import SSEEvent
-from metergate.usage import Usage, UsageError, count, tier_of
+from metergate.usage import Usage, UsageError, UsageMissing, UsagePart, count, settle, tier_of, total_of
 
 _USAGE_KEY = b'"usage"'
+# The image model the Responses image_generation tool runs when the request does not name one.
+DEFAULT_IMAGE_MODEL = "gpt-image-1"
 _USAGE_NULL_FORMS = (b',"usage":null', b'"usage":null,')
 # The `"usage": null` member OpenAI adds to every chunk once usage is requested, however it is spaced (Python's
 # json.dumps and several OpenAI-compatible servers write `"usage": null`). The pattern starts with a literal, so
@@ -53,65 +56,110 @@ def parse_openai_usage(usage: Mapping[str, Any], service_tier: object = None) ->
     """
     prompt = count(usage.get("prompt_tokens"), "prompt_tokens")
     completion = count(usage.get("completion_tokens"), "completion_tokens")
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    if not isinstance(prompt_details, Mapping) or not isinstance(completion_details, Mapping):
-        raise UsageError("usage details are not objects")
+    prompt_details = _details(usage, "prompt_tokens_details")
+    completion_details = _details(usage, "completion_tokens_details")
     cached = count(prompt_details.get("cached_tokens"), "prompt_tokens_details.cached_tokens")
     if not cached and "prompt_cache_hit_tokens" in usage:
         # DeepSeek and some OpenAI-compatible servers report cache hits at the top level, also within prompt_tokens.
         cached = count(usage.get("prompt_cache_hit_tokens"), "prompt_cache_hit_tokens")
-    cache_write = count(prompt_details.get("cache_write_tokens"), "prompt_tokens_details.cache_write_tokens")
     reasoning = count(completion_details.get("reasoning_tokens"), "completion_tokens_details.reasoning_tokens")
-    audio_in = count(prompt_details.get("audio_tokens"), "prompt_tokens_details.audio_tokens")
-    audio_out = count(completion_details.get("audio_tokens"), "completion_tokens_details.audio_tokens")
     total = usage.get("total_tokens")
     if reasoning and total == prompt + completion + reasoning and total != prompt + completion:
         completion += reasoning  # reasoning reported beside completion_tokens, not within it
-    if cached + cache_write > prompt or audio_in > prompt:
-        raise UsageError(f"cached, cache-write or audio tokens exceed prompt_tokens ({cached}/{audio_in} > {prompt})")
-    if reasoning + audio_out > completion:
-        raise UsageError(f"reasoning/audio tokens exceed completion_tokens ({reasoning}+{audio_out} > {completion})")
-    return Usage(
-        input_tokens=prompt,
-        output_tokens=completion,
-        cache_read_tokens=cached,
-        cache_write_tokens=cache_write,
-        reasoning_tokens=reasoning,
-        input_audio_tokens=audio_in,
-        output_audio_tokens=audio_out,
-        service_tier=tier_of(service_tier),
+    return settle(
+        Usage(
+            input_tokens=prompt,
+            output_tokens=completion,
+            cache_read_tokens=cached,
+            cache_write_tokens=count(
+                prompt_details.get("cache_write_tokens"), "prompt_tokens_details.cache_write_tokens"
+            ),
+            reasoning_tokens=reasoning,
+            input_audio_tokens=count(prompt_details.get("audio_tokens"), "prompt_tokens_details.audio_tokens"),
+            input_image_tokens=count(prompt_details.get("image_tokens"), "prompt_tokens_details.image_tokens"),
+            output_audio_tokens=count(completion_details.get("audio_tokens"), "completion_tokens_details.audio_tokens"),
+            service_tier=tier_of(service_tier),
+        )
     )
 
 
+def _details(container: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = container.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise UsageError(f"{name} is not an object")
+    return value
+
+
 def parse_responses_usage(usage: Mapping[str, Any], service_tier: object = None, tool_usage: object = None) -> Usage:
-    """Responses API `usage` objects; web searches are counted in the response's `tool_usage`."""
-    inp = count(usage.get("input_tokens"), "input_tokens")
-    out = count(usage.get("output_tokens"), "output_tokens")
-    in_details = usage.get("input_tokens_details") or {}
-    out_details = usage.get("output_tokens_details") or {}
-    if not isinstance(in_details, Mapping) or not isinstance(out_details, Mapping):
-        raise UsageError("usage details are not objects")
-    cached = count(in_details.get("cached_tokens"), "input_tokens_details.cached_tokens")
-    cache_write = count(in_details.get("cache_write_tokens"), "input_tokens_details.cache_write_tokens")
-    reasoning = count(out_details.get("reasoning_tokens"), "output_tokens_details.reasoning_tokens")
-    if cached + cache_write > inp:
-        raise UsageError(f"cached and cache-write tokens exceed input_tokens ({cached}+{cache_write} > {inp})")
-    if reasoning > out:
-        raise UsageError(f"reasoning tokens exceed output_tokens ({reasoning} > {out})")
-    searches = 0
-    if isinstance(tool_usage, Mapping):
-        web = tool_usage.get("web_search")
-        if isinstance(web, Mapping):
-            searches = count(web.get("num_requests"), "tool_usage.web_search.num_requests")
-    return Usage(
-        input_tokens=inp,
-        output_tokens=out,
-        cache_read_tokens=cached,
-        cache_write_tokens=cache_write,
-        reasoning_tokens=reasoning,
-        web_searches=searches,
-        service_tier=tier_of(service_tier),
+    """A Responses API `usage` object (the response's own model), with the web searches `tool_usage` counts."""
+    in_details = _details(usage, "input_tokens_details")
+    out_details = _details(usage, "output_tokens_details")
+    result = settle(
+        Usage(
+            input_tokens=count(usage.get("input_tokens"), "input_tokens"),
+            output_tokens=count(usage.get("output_tokens"), "output_tokens"),
+            cache_read_tokens=count(in_details.get("cached_tokens"), "input_tokens_details.cached_tokens"),
+            cache_write_tokens=count(in_details.get("cache_write_tokens"), "input_tokens_details.cache_write_tokens"),
+            reasoning_tokens=count(out_details.get("reasoning_tokens"), "output_tokens_details.reasoning_tokens"),
+            service_tier=tier_of(service_tier),
+        )
+    )
+    web = tool_usage.get("web_search") if isinstance(tool_usage, Mapping) else None
+    if isinstance(web, Mapping):
+        result.add_units("web_search", count(web.get("num_requests"), "tool_usage.web_search.num_requests"))
+    return result
+
+
+def parse_response(response: Mapping[str, Any], image_model: str = DEFAULT_IMAGE_MODEL) -> Usage:
+    """A whole Responses API response object: its usage, and what its built-in tools billed.
+
+    - web searches: `tool_usage.web_search.num_requests` where present; older responses carry no `tool_usage`, and
+      then each `web_search_call` output item whose action is a search is one billed call (opening or searching a
+      page is not billed);
+    - file searches: one per `file_search_call` item; code interpreter: one session per distinct `container_id`;
+    - image generation: `tool_usage.image_gen` holds the image model's tokens, billed at that model's rates (a
+      separate part); without it, each `image_generation_call` is an image that cannot be priced from tokens.
+    """
+    tool_usage = response.get("tool_usage")
+    main = parse_responses_usage(_usage_object(response), response.get("service_tier"), tool_usage)
+    output = response.get("output")
+    items = [i for i in output if isinstance(i, Mapping)] if isinstance(output, list) else []
+    if not isinstance(tool_usage, Mapping) or not isinstance(tool_usage.get("web_search"), Mapping):
+        main.add_units("web_search", sum(1 for i in items if _is_billed_search(i)))
+    main.add_units("file_search", sum(1 for i in items if i.get("type") == "file_search_call"))
+    containers = {i.get("container_id") for i in items if i.get("type") == "code_interpreter_call"}
+    main.add_units("code_interpreter_session", len(containers))
+    image_gen = tool_usage.get("image_gen") if isinstance(tool_usage, Mapping) else None
+    if not isinstance(image_gen, Mapping):
+        main.add_units("image_generation_call", sum(1 for i in items if i.get("type") == "image_generation_call"))
+        return main
+    image = _image_gen_usage(image_gen)
+    if image.is_empty():
+        return main
+    image.service_tier = main.service_tier
+    total = total_of([main, image])
+    total.units, total.service_tier, total.flags = main.units, main.service_tier, main.flags + image.flags
+    total.parts = (UsagePart("message", None, replace(main, units=None)), UsagePart("image_gen", image_model, image))
+    return total
+
+
+def _is_billed_search(item: Mapping[str, Any]) -> bool:
+    if item.get("type") != "web_search_call" or item.get("status") == "failed":
+        return False
+    action = item.get("action")
+    return not isinstance(action, Mapping) or action.get("type") in (None, "search")
+
+
+def _image_gen_usage(image_gen: Mapping[str, Any]) -> Usage:
+    in_details = _details(image_gen, "input_tokens_details")
+    out_details = _details(image_gen, "output_tokens_details")
+    return settle(
+        Usage(
+            input_tokens=count(image_gen.get("input_tokens"), "tool_usage.image_gen.input_tokens"),
+            output_tokens=count(image_gen.get("output_tokens"), "tool_usage.image_gen.output_tokens"),
+            input_image_tokens=count(in_details.get("image_tokens"), "tool_usage.image_gen.input_tokens_details"),
+            output_image_tokens=count(out_details.get("image_tokens"), "tool_usage.image_gen.output_tokens_details"),
+        )
     )
 
 
@@ -200,12 +248,13 @@ class ChatStreamMeter(SSEStreamMeter):
     def usage(self) -> Usage:
         if self._usage is not None:
             return self._usage
-        raise self._error or UsageError("the stream ended without a usage chunk")
+        raise self._error or UsageMissing("the stream ended without a usage chunk")
 
 
 class ResponsesStreamMeter(SSEStreamMeter):
-    def __init__(self) -> None:
+    def __init__(self, image_model: str = DEFAULT_IMAGE_MODEL) -> None:
         super().__init__()
+        self._image_model = image_model
         self._usage: Usage | None = None
         self._error: UsageError | None = None
 
@@ -225,9 +274,7 @@ class ResponsesStreamMeter(SSEStreamMeter):
             if payload["type"] == "response.failed":
                 self.upstream_error = "response_failed"
             response = require_dict(payload.get("response"), "event response")
-            self._usage = parse_responses_usage(
-                _usage_object(response), response.get("service_tier"), response.get("tool_usage")
-            )
+            self._usage = parse_response(response, self._image_model)
         except orjson.JSONDecodeError as exc:
             self._error = UsageError(f"malformed terminal event: {exc}")
         except UsageError as exc:
@@ -237,7 +284,7 @@ class ResponsesStreamMeter(SSEStreamMeter):
     def usage(self) -> Usage:
         if self._usage is not None:
             return self._usage
-        raise self._error or UsageError("the stream ended without response.completed")
+        raise self._error or UsageMissing("the stream ended without response.completed")
 
 
 class OpenAIApi(ApiAdapter):
@@ -266,7 +313,14 @@ class OpenAIApi(ApiAdapter):
             inject = not read_flag(options, "include_usage", "stream_options.include_usage")
         n = read_count(body, "n", bound=MAX_CHOICES) or 1
         best_of = read_count(body, "best_of", bound=MAX_CHOICES) or 1
+        image_model = None
+        tools = body.get("tools")
+        if endpoint.operation == "responses" and isinstance(tools, list):
+            for tool in tools:
+                if isinstance(tool, dict) and tool.get("type") == "image_generation" and tool.get("model") is not None:
+                    image_model = read_model(tool.get("model"), "tools[].model")
         return RequestFacts(
+            image_model=image_model,
             model=model,
             stream=stream,
             # The largest cap given is the worst case, whichever of them the provider applies.
@@ -284,16 +338,20 @@ class OpenAIApi(ApiAdapter):
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return body
 
-    def usage_from_body(self, endpoint: Endpoint, body: Any) -> Usage:
+    def usage_from_body(self, endpoint: Endpoint, body: Any, facts: RequestFacts | None = None) -> Usage:
         obj = require_dict(body, "response")
         if endpoint.operation == "responses":
-            return parse_responses_usage(_usage_object(obj), obj.get("service_tier"), obj.get("tool_usage"))
+            return parse_response(obj, _image_model(facts))
         return parse_openai_usage(_usage_object(obj), obj.get("service_tier"))
 
     def stream_meter(self, endpoint: Endpoint, facts: RequestFacts, sse: bool) -> StreamMeter:
         if endpoint.operation == "responses":
-            return ResponsesStreamMeter()
+            return ResponsesStreamMeter(_image_model(facts))
         return ChatStreamMeter(hide_usage=facts.inject_stream_usage)
+
+
+def _image_model(facts: RequestFacts | None) -> str:
+    return facts.image_model if facts is not None and facts.image_model else DEFAULT_IMAGE_MODEL
 
 
 class OpenAIUpstream(Upstream):

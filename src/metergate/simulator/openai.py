@@ -109,6 +109,9 @@ async def chat(
 
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and plan.flag(options.get("include_usage"))
+    if plan.ignore_include_usage:
+        include_usage = False
+        bill.usage_readable = False
     chunk_obj = "text_completion" if legacy else "chat.completion.chunk"
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None, final: bool = False) -> bytes:

@@ -26,6 +26,7 @@ CHUNK_DELAY_MS = "x-sim-chunk-delay-ms"  # between stream events
 FAIL = "x-sim-fail"  # see Plan.fail
 RESPONSE_HEADER = "x-sim-response-header"  # "name=percent-encoded value": added to the response (UTF-8)
 LEGACY_DELTA = "x-sim-legacy-delta"  # "1": Anthropic message_delta carries output_tokens only (older API versions)
+IGNORE_INCLUDE_USAGE = "x-sim-ignore-include-usage"  # "1": like servers that never send the usage chunk
 LENIENT = "x-sim-lenient"  # "1": read booleans the way pydantic-based servers (vLLM...) do: "true" and 1 are true
 SPACED_JSON = "x-sim-spaced-json"  # "1": stream chunks written like Python's json.dumps ('"usage": null')
 
@@ -76,6 +77,7 @@ class Plan:
     legacy_delta: bool = False
     spaced_json: bool = False
     lenient: bool = False
+    ignore_include_usage: bool = False
 
     def flag(self, value: object) -> bool:
         """A boolean request field as this server reads it."""
@@ -139,6 +141,7 @@ def make_plan(headers: dict[str, str], body: bytes, max_output: int | None, *, e
         legacy_delta=headers.get(LEGACY_DELTA) == "1",
         spaced_json=headers.get(SPACED_JSON) == "1",
         lenient=headers.get(LENIENT) == "1",
+        ignore_include_usage=headers.get(IGNORE_INCLUDE_USAGE) == "1",
     )
 
 
