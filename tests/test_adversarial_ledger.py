@@ -152,3 +152,21 @@ def test_a_spool_that_cannot_be_written_loses_nothing(simulator: SimulatorThread
     [saved] = list(tmpdir.glob("metergate-ledger-*.spool"))
     assert len(saved.read_text().splitlines()) == 10
     assert str(saved) in gw.log()
+
+
+def test_a_full_spool_keeps_billed_records_before_requests_that_cost_nothing(tmp_path: Path) -> None:
+    """During an outage a flood of refused requests filled the spool and the billed records after it were dropped."""
+    from metergate.ledger.spool import Spool
+
+    spool = Spool(tmp_path / "s.spool", max_records=5)
+    refused = []
+    for i in range(4):
+        row = list(record_row(record(i), "t"))
+        row[0], row[11], row[12], row[16] = f"refused-{i}", 0, 0, 0
+        refused.append(tuple(row))
+    billed = [record_row(record(10 + i), "t") for i in range(4)]
+    spool.add(refused[:2])
+    spool.add([*refused[2:], *billed])
+    kept = [row[0] for batch in spool.batches(100) for row in batch]
+    assert kept == ["refused-0", "refused-1", "r-10", "r-11", "r-12"]
+    assert spool.dropped == 3

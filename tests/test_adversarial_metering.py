@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -390,3 +391,123 @@ def test_usage_null_written_with_spaces_is_hidden_from_a_client_that_did_not_ask
     assert '"choices"' in text and "usage" not in text
     [bill] = simulator.app.billed(tag)
     assert wait_for(lambda: gateway.metrics().sum("llm_tokens_out", model="gpt-4o-mini") >= bill.reported.output)
+
+
+# --- found by the second review: hang-ups, stalled readers, repeated keys, compressed bodies ---------------------
+
+
+def _hang_up_after_headers(gw: Gateway, path: str, body: dict[str, Any], headers: dict[str, str]) -> None:
+    """Send a streaming request, read the status line, and leave."""
+    host, port = gw.listen.split(":")
+    payload = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + payload)
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_hanging_up_on_long_streams_cannot_pass_a_block_budget(
+    simulator: SimulatorThread, tmp_path: Path, tag: str, api: str
+) -> None:
+    """A client that leaves before the usage arrives, with a drain shorter than the generation, left a $0 record and
+    a released reservation: 10 of 10 admitted past a $0.01 budget. The worst case now stays reserved."""
+    gw = make_gateway(
+        tmp_path,
+        simulator.url,
+        server_extra=", drain_timeout_s: 0.5",
+        extra=(
+            f'ledger: {{url: "sqlite:///{tmp_path}/ledger.db", flush_interval_s: 0.05}}\n'
+            "budgets:\n  - {team: search, period: day, limit_usd: 0.01, action: block}\n"
+        ),
+    ).start()
+    try:
+        sim = {"x-sim-tag": tag, "x-sim-output-tokens": "20000", "x-sim-chunks": "40", "x-sim-chunk-delay-ms": "100"}
+        if api == "openai":
+            path, body, auth = "/v1/chat/completions", {**CHAT, "stream": True, "max_tokens": 20000}, AUTH
+        else:
+            path = "/v1/messages"
+            body = {"model": "claude-haiku-4-5", "max_tokens": 20000, "messages": CHAT["messages"], "stream": True}
+            auth = {"x-api-key": KEY}
+        _hang_up_after_headers(gw, path, body, {**auth, **sim})
+        time.sleep(1.5)  # past the drain: the provider's closing figures were never read
+        refused = post(gw, path, {**body, "stream": False}, {**auth, **sim})
+        assert refused.status_code == 429, refused.text
+        assert len(simulator.app.billed(tag)) == 1
+        labels = {"team": "search", "code": "499"}
+        assert wait_for(lambda: gw.metrics().sum("llm_unmetered_requests_total", **labels) == 1)
+    finally:
+        gw.stop()
+
+
+def test_a_client_that_stops_reading_is_let_go_and_its_request_recorded(
+    simulator: SimulatorThread, tmp_path: Path, tag: str
+) -> None:
+    """A reader that keeps its connection open but never reads stalled the relay forever: no record, the provider
+    unread. Past write_timeout_s the client is treated as gone and the provider's answer is drained and metered."""
+    gw = make_gateway(tmp_path, simulator.url, server_extra=", write_timeout_s: 1")
+    gw.start()
+    try:
+        host, port = gw.listen.split(":")
+        payload = json.dumps({**CHAT, "stream": True}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n"
+            f"x-sim-tag: {tag}\r\nx-sim-output-tokens: 3000000\r\nx-sim-chunks: 1500\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + payload)
+        sock.recv(200)  # then never read again
+        [bill] = wait_for(lambda: simulator.app.billed(tag))
+        labels = {"team": "search", "app": "ranker", "model": "gpt-4o-mini", "code": "499"}
+        assert wait_for(lambda: gw.metrics().sum("llm_requests_total", **labels) == 1, timeout=20)
+        assert gw.metrics().sum("llm_tokens_out", **labels) == bill.reported.output == 3000000
+        sock.close()
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"model":"gpt-4o-mini"}',
+        b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"mod\\u0065l":"gpt-4o-mini"}',
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"stream":false,"stream":true}',
+    ],
+)
+def test_a_key_the_gateway_reads_given_twice_is_refused(
+    gateway: Gateway, simulator: SimulatorThread, tag: str, body: bytes
+) -> None:
+    """Which of two values counts differs between parsers (last here, first in some): such a body could be priced
+    as one model and run as another."""
+    before = gateway.metrics()
+    r = post(gateway, "/v1/chat/completions", body, {**AUTH, "x-sim-tag": tag})
+    refused(r, "openai", "invalid_json", gateway, before)
+    assert simulator.app.billed(tag) == []
+
+
+def test_escaped_keys_and_repeated_nested_keys_are_fine(gateway: Gateway, simulator: SimulatorThread, tag: str) -> None:
+    once = b'{"mod\\u0065l":"gpt-4o-mini","messages":[{"role":"user","content":"caf\\u00e9 <\\u003c>"}]}'
+    nested = (
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],'
+        b'"metadata":{"model":"x"},"tools":[{"type":"function","function":{"name":"f","model":"y"}}]}'
+    )
+    for body in (once, nested):
+        assert post(gateway, "/v1/chat/completions", body, {**AUTH, "x-sim-tag": tag}).status_code == 200
+    assert len(simulator.app.billed(tag)) == 2
+
+
+def test_a_compressed_body_is_refused(gateway: Gateway, simulator: SimulatorThread, tag: str) -> None:
+    import gzip
+
+    r = post(
+        gateway,
+        "/v1/chat/completions",
+        gzip.compress(json.dumps(CHAT).encode()),
+        {**AUTH, "content-encoding": "gzip", "x-sim-tag": tag},
+    )
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_encoding"
+    assert simulator.app.billed(tag) == []

@@ -124,3 +124,16 @@ def test_a_ledger_that_cannot_be_created_is_reported_and_traffic_flows(tmp_path:
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert "Traceback" not in err and "/proc/no-such-dir" in err
+
+
+@pytest.mark.parametrize(
+    ("base_url", "named"),
+    [("http://127.0.0.1:99999", "Port out of range"), ("http://[::1", "IPv6"), ("http://h/v1?x=1", "query")],
+)
+def test_an_unusable_base_url_is_refused_by_check_config(tmp_path: Path, base_url: str, named: str) -> None:
+    """It used to pass check-config and make every request a 500 with a traceback."""
+    (tmp_path / "gw.yaml").write_text(
+        f'providers:\n  p: {{type: openai-compatible, base_url: "{base_url}"}}\nroutes: [{{model: "*", provider: p}}]\n'
+    )
+    result = metergate("check-config", "gw.yaml", cwd=tmp_path)
+    assert result.returncode == 1 and named in result.stderr and "Traceback" not in result.stderr

@@ -34,7 +34,7 @@ from metergate.ledger import Ledger
 from metergate.ledger.store import LedgerError, PostgresStore, Store
 from metergate.periods import PERIODS, Period, Window, window
 from metergate.pricing import PriceBook
-from metergate.usage import Usage, UsageRecord, from_pusd, to_pusd
+from metergate.usage import INCOMPLETE, Usage, UsageRecord, from_pusd, to_pusd
 
 if TYPE_CHECKING:
     from metergate.gateway import RequestContext
@@ -194,13 +194,14 @@ class LocalReservations:
         self._reserved[key] = reserved + hold.amount_pusd
         return True, spent, reserved
 
-    async def settle(self, hold: Hold, actual_pusd: int) -> None:
-        self.release(hold)
+    async def settle(self, hold: Hold, actual_pusd: int, keep_pusd: int = 0) -> None:
+        self.release(hold, keep_pusd)
 
-    def release(self, hold: Hold) -> None:
-        """Synchronous: the record's cost enters the spend in the same instant its reservation leaves."""
+    def release(self, hold: Hold, keep_pusd: int = 0) -> None:
+        """Synchronous: the record's cost enters the spend in the same instant its reservation leaves. `keep_pusd`
+        of it stays reserved until the period ends (a request whose final bill is unknown)."""
         key = (budget_id(hold.budget), hold.window_start)
-        self._reserved[key] = self._reserved.get(key, 0) - hold.amount_pusd
+        self._reserved[key] = self._reserved.get(key, 0) - hold.amount_pusd + min(keep_pusd, hold.amount_pusd)
 
     def reserved_pusd(self, budget: BudgetConfig, window_start: float) -> int:
         return self._reserved.get((budget_id(budget), window_start), 0)
@@ -312,14 +313,35 @@ class SharedReservations:
         self._seen[(scope, hold.window_start)] = (spent, reserved)
         return False, spent, reserved
 
-    async def settle(self, hold: Hold, actual_pusd: int) -> None:
+    async def settle(self, hold: Hold, actual_pusd: int, keep_pusd: int = 0) -> None:
         """The real cost always enters the spend; the reservation leaves it only if its hold still exists (a hold
-        that outlived its TTL was already released by `expire`)."""
+        that outlived its TTL was already released by `expire`). `keep_pusd` of the hold stays reserved until the
+        period ends, for a request whose final bill is unknown."""
+        params = {
+            "id": hold.hold_id,
+            "actual": actual_pusd,
+            "scope": budget_id(hold.budget),
+            "start": hold.window_start,
+            "keep": min(keep_pusd, hold.amount_pusd),
+            "until": hold.window.end_ts,
+        }
+        if not keep_pusd:
+            await self._run(
+                "WITH h AS (DELETE FROM budget_holds WHERE id = %(id)s RETURNING amount_pusd) "
+                "UPDATE budget_spend SET reserved_pusd = reserved_pusd "
+                "- COALESCE((SELECT SUM(amount_pusd) FROM h), 0), spent_pusd = spent_pusd + %(actual)s "
+                "WHERE scope = %(scope)s AND period_start = %(start)s",
+                params,
+            )
+            return
         await self._run(
-            "WITH h AS (DELETE FROM budget_holds WHERE id = %(id)s RETURNING amount_pusd) "
-            "UPDATE budget_spend SET reserved_pusd = reserved_pusd - COALESCE((SELECT SUM(amount_pusd) FROM h), 0), "
-            "spent_pusd = spent_pusd + %(actual)s WHERE scope = %(scope)s AND period_start = %(start)s",
-            {"id": hold.hold_id, "actual": actual_pusd, "scope": budget_id(hold.budget), "start": hold.window_start},
+            "WITH old AS (SELECT amount_pusd FROM budget_holds WHERE id = %(id)s FOR UPDATE), "
+            "kept AS (UPDATE budget_holds SET amount_pusd = %(keep)s, expires_at = %(until)s WHERE id = %(id)s "
+            "RETURNING amount_pusd) "
+            "UPDATE budget_spend SET reserved_pusd = reserved_pusd - COALESCE((SELECT SUM(amount_pusd) FROM old), 0) "
+            "+ COALESCE((SELECT SUM(amount_pusd) FROM kept), 0), spent_pusd = spent_pusd + %(actual)s "
+            "WHERE scope = %(scope)s AND period_start = %(start)s",
+            params,
         )
 
     async def reconcile(self) -> None:
@@ -548,20 +570,24 @@ class BudgetGuard:
         if not isinstance(reservation, Reservation):
             return
         actual = record.cost_pusd
+        # The provider may have billed more than is known (a stream the client left before its usage arrived, an
+        # upstream that never reported it, a stream cut after its first figures): the worst case reserved for it
+        # stays reserved until the period ends, so hanging up never buys unmetered spend past a block budget.
+        unknown = not record.metered or INCOMPLETE in record.usage.flags
         for hold in reservation.holds:
-            self._release(hold, actual)
+            self._release(hold, actual, max(hold.amount_pusd - actual, 0) if unknown else 0)
 
-    def _release(self, hold: Hold, actual_pusd: int) -> None:
+    def _release(self, hold: Hold, actual_pusd: int, keep_pusd: int = 0) -> None:
         if isinstance(self.reservations, LocalReservations):
-            self.reservations.release(hold)
+            self.reservations.release(hold, keep_pusd)
         else:
-            self._spawn(self._settle_shared(self.reservations, hold, actual_pusd))
+            self._spawn(self._settle_shared(self.reservations, hold, actual_pusd, keep_pusd))
 
     @staticmethod
-    async def _settle_shared(reservations: SharedReservations, hold: Hold, actual_pusd: int) -> None:
+    async def _settle_shared(reservations: SharedReservations, hold: Hold, actual_pusd: int, keep_pusd: int) -> None:
         for attempt in range(5):
             try:
-                await reservations.settle(hold, actual_pusd)
+                await reservations.settle(hold, actual_pusd, keep_pusd)
                 return
             except LedgerError:
                 if attempt == 4:

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from genai_prices import data_snapshot
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from yarl import URL
 
 ProviderType = Literal["openai", "openai-compatible", "azure-openai", "anthropic", "gemini"]
 
@@ -85,6 +86,7 @@ class ServerConfig(_Model):
     max_headers: int = Field(default=100, ge=10, le=10_000)
     header_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    write_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     keepalive_timeout_s: float = Field(default=75.0, gt=0, le=3600)
     max_connections: int = Field(default=4096, ge=16, le=1_000_000)
 
@@ -122,6 +124,14 @@ class ProviderConfig(_Model):
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+", v):
             raise ValueError(f"base_url must be an http(s) URL, got {v!r}")
+        try:
+            url = URL(v)  # the URL parser the upstream client uses: what it refuses must be refused here
+            if not url.host or url.port is None or not 0 < url.port < 65536:
+                raise ValueError("no host or port")
+        except ValueError as exc:
+            raise ValueError(f"base_url {v!r} is not a usable URL: {exc}") from None
+        if url.query_string or url.fragment:
+            raise ValueError(f"base_url {v!r} must not carry a query or a fragment")
         return v.rstrip("/")
 
     @model_validator(mode="after")
@@ -219,7 +229,7 @@ class BudgetConfig(_Model):
 class LedgerConfig(_Model):
     url: str = "sqlite:///metergate.db"
     batch_size: int = Field(default=1000, gt=0, le=100_000)
-    flush_interval_s: float = Field(default=0.2, gt=0, le=3600)
+    flush_interval_s: float = Field(default=0.2, ge=0.01, le=3600)
     # Where records wait when the database is down; default: next to the SQLite file, or
     # ./metergate-ledger-<hash of the database URL>.spool.
     spool_path: str | None = None

@@ -9,6 +9,7 @@ file descriptors. Any of those lets one client without a key stall or lock out e
 - a request's headers must be complete within `header_timeout_s` of the connection opening (or, on a kept-alive
   connection, of the request's first byte), else the connection is closed (408);
 - a body that stops arriving for `body_timeout_s` while the gateway waits for it ends the request (408);
+- at most 16 requests wait pipelined behind the one being served on a connection;
 - at most `max_connections` connections are open; a new one past the cap first evicts the connections that have
   no request in progress (idle keep-alive sockets, half-sent headers), oldest first, so clients being served are
   never cut off and a flood of idle sockets cannot lock out clients with keys.
@@ -54,6 +55,10 @@ class ConnectionStats:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
 
+# Requests a client may queue on one connection behind the one being served (HTTP/1.1 pipelining).
+MAX_PIPELINED = 16
+
+
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a request that broke a limit."""
 
@@ -94,6 +99,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._awaiting_headers = True
         self._refusal: tuple[int, str] | None = None
+        self._chunk_bytes = 0
         self.last_active = self.headers_since = time.monotonic()
 
     # --- connection lifecycle --------------------------------------------------------------------------------
@@ -153,6 +159,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         now = self.last_active = time.monotonic()
+        self._chunk_bytes = len(data)
         cycle = self.cycle
         if not self._awaiting_headers and (cycle is None or cycle.response_complete):
             # The first bytes of the next request on a kept-alive connection: its headers are on the clock.
@@ -187,12 +194,25 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self._reply_and_close(431, "Request header fields too large.")
 
     def on_headers_complete(self) -> None:
-        # The byte limit bounds how many lines can arrive; their count is checked before any request starts.
-        if len(self.headers) > self.limits.max_headers:
-            self.stats.count("too_many_headers")
-            self._refusal = (431, "Too many request header fields.")
-            raise _Refused
+        # Checked before any request starts. The byte limit bounds how many lines can arrive.
+        limits = self.limits
+        if len(self.headers) > limits.max_headers:
+            self._refuse("too_many_headers", 431, "Too many request header fields.")
+        if self._header_bytes + self._chunk_bytes > limits.max_header_bytes:
+            # Headers that arrived whole in one read: measure them.
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > limits.max_header_bytes:
+                self._refuse("headers_too_large", 431, "Request header fields too large.")
+        if self.cycle is not None and not self.cycle.response_complete and len(self.pipeline) >= MAX_PIPELINED:
+            # Each queued request holds its parsed state until its turn: a read of thousands of pipelined requests
+            # would hold thousands of them.
+            self._refuse("pipelined", 503, "Too many pipelined requests.")
         super().on_headers_complete()
+
+    def _refuse(self, reason: str, status: int, message: str) -> None:
+        self.stats.count(reason)
+        self._refusal = (status, message)
+        raise _Refused
 
     def _reply_and_close(self, status: int, message: str) -> None:
         body = message.encode()

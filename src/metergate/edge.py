@@ -34,11 +34,12 @@ class AsgiResponder:
     a task waits on `receive()`, which returns `http.disconnect` once the connection is lost.
     """
 
-    __slots__ = ("_cycle", "_gone", "_send", "_watch", "started")
+    __slots__ = ("_cycle", "_gone", "_send", "_watch", "_write_timeout_s", "started")
 
-    def __init__(self, receive: Receive, send: Send) -> None:
+    def __init__(self, receive: Receive, send: Send, write_timeout_s: float = 60.0) -> None:
         self._send = send
         self._gone = False
+        self._write_timeout_s = write_timeout_s
         self.started = False
         cycle = getattr(receive, "__self__", None)
         self._cycle = cycle if isinstance(getattr(cycle, "disconnected", None), bool) else None
@@ -54,7 +55,7 @@ class AsgiResponder:
     @property
     def disconnected(self) -> bool:
         if self._cycle is not None:
-            return bool(self._cycle.disconnected)
+            return self._gone or bool(self._cycle.disconnected)
         return self._gone
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -64,7 +65,19 @@ class AsgiResponder:
     async def send(self, body: bytes, more: bool = False) -> None:
         if not more:
             self.close()
-        await self._send({"type": "http.response.body", "body": body, "more_body": more})
+        message = {"type": "http.response.body", "body": body, "more_body": more}
+        cycle = self._cycle
+        if cycle is None or not cycle.flow.write_paused:
+            await self._send(message)
+            return
+        # The client stopped reading: uvicorn would wait for it forever, and meanwhile nobody reads the provider's
+        # answer or records the request. Past the timeout it is treated as gone (the gateway then drains).
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                await self._send(message)
+        except TimeoutError:
+            self._gone = True
+            cycle.transport.close()
 
     def close(self) -> None:
         if self._watch is not None:
@@ -121,6 +134,7 @@ def _too_large(limit: int) -> GatewayError:
 class EdgeLimits:
     max_body_bytes: int = 32 * 1024 * 1024
     admin_body_bytes: int = 1024 * 1024
+    write_timeout_s: float = 60.0  # the longest a client may leave a streamed response unread
 
 
 class ApiApp:
@@ -158,7 +172,7 @@ class ApiApp:
             body=AsgiBody(receive, headers, limits.max_body_bytes),
             refusal=refusal,
         )
-        responder = AsgiResponder(receive, send)
+        responder = AsgiResponder(receive, send, limits.write_timeout_s)
         try:
             await self.gateway.handle(request, responder)
         finally:

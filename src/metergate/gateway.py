@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -39,7 +41,7 @@ from metergate.pricing import PriceBook
 from metergate.providers import API_ADAPTERS, RequestFacts, StreamMeter, Upstream
 from metergate.providers.gemini import GeminiApi, GeminiUpstream
 from metergate.routing import Route, Router
-from metergate.usage import Usage, UsageError, UsageMissing, UsageRecord
+from metergate.usage import INCOMPLETE, Usage, UsageError, UsageMissing, UsageRecord
 
 log = logging.getLogger("metergate.gateway")
 
@@ -267,10 +269,17 @@ class Gateway:
             adapter = API_ADAPTERS[ctx.family]
             adapter.vet_request(endpoint, req.query, req.headers)
             ctx.raw_body = await req.body.read()
+            encoding = req.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise GatewayError(
+                    415, "unsupported_encoding", "metergate reads the request body: send it uncompressed."
+                )
             ctx.body = _json_object(ctx.raw_body)
             ctx.facts = facts = adapter.request_facts(endpoint, ctx.body, ctx.match.path_model)
             ctx.route = route = self._route(ctx, facts.model)
             ctx.upstream_body = self._upstream_body(ctx, route, facts)
+            if endpoint.operation not in ("embed", "batch_embed"):
+                ctx.body = None  # the parsed tree can be many times the body's size: keep it no longer than needed
         except GatewayError as err:
             await self._fail(out, ctx, err)
             return
@@ -499,6 +508,12 @@ class Gateway:
                 # damages. The request is recorded as unmetered (llm_unmetered_requests_total) for alerting.
                 error_type = "usage_missing" if isinstance(exc, UsageMissing) else "upstream_malformed_usage"
             log.warning("request %s: usage not metered: %s", ctx.request_id, bounded(str(exc)))
+        else:
+            if not meter.finished:
+                # The provider's closing figures never came (the client left and the drain gave up, the stream
+                # broke): what it reported so far is a lower bound, and budgets keep the rest reserved.
+                usage.flag(INCOMPLETE)
+            metered = INCOMPLETE not in usage.flags
         code = response.status
         if error_type in (None, "usage_missing") and meter.upstream_error is not None:
             error_type = "upstream_stream_error"
@@ -597,6 +612,10 @@ class Gateway:
         self.meter.record(record)
         if self.admission is not None:
             self.admission.settle(ctx.reservation, record)
+        if ctx.principal is None:
+            # No key, nothing sent upstream, nobody to bill: counted in the metrics, never a ledger row (a flood of
+            # them would otherwise fill the database, or the spool during an outage, at no cost to the sender).
+            return
         for sink in self.sinks:
             try:
                 sink(record)
@@ -677,16 +696,47 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
 
+# Parsed, a body of empty objects takes ~30 times its size in memory: past this many the body is refused.
+MAX_JSON_CONTAINERS = 1_000_000
+# A key the gateway reads, given twice: parsers disagree on which one counts (last here, first in some), so such a
+# body is refused rather than priced as one model and run as another. Escaped ASCII in a key can hide a repeat.
+_READ_KEYS = (b'"model"', b'"stream"')
+_ESCAPED_ASCII = re.compile(rb"\\u00(?:6[1-9a-fA-F]|7[0-9aA])")  # an escaped a-z
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     if not body:
         raise GatewayError(400, "invalid_json", "The request body is empty; expected a JSON object.")
+    if len(body) > 1_000_000 and body.count(b"{") + body.count(b"[") > MAX_JSON_CONTAINERS:
+        raise GatewayError(
+            400, "invalid_json", f"The request body holds more than {MAX_JSON_CONTAINERS:,} JSON objects and arrays."
+        )
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise GatewayError(400, "invalid_json", f"The request body is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
+    if any(body.count(key) > 1 for key in _READ_KEYS) or (b"\\u00" in body and _ESCAPED_ASCII.search(body)):
+        _refuse_repeated_keys(body)
     return parsed
+
+
+def _refuse_repeated_keys(body: bytes) -> None:
+    """Refuses a body where one object gives the same key twice (the slow, exact check, run only when a cheap
+    scan says it may happen)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen:
+                raise GatewayError(400, "invalid_json", f"The request body gives the key {bounded(key, 40)!r} twice.")
+            seen.add(key)
+        return dict(items)
+
+    # orjson accepted the body: a difference in what the two parsers allow is not about repeated keys.
+    with contextlib.suppress(ValueError, RecursionError):
+        json.loads(body, object_pairs_hook=pairs)
 
 
 def _relay_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:

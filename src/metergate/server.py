@@ -264,7 +264,7 @@ async def serve(
     # The metrics listener serves one scraper or a few: a small share of the cap is plenty.
     metrics_protocol, metrics_stats = guarded_protocol(connection_limits(server, 1 / 16))
     runtime.meter.add_collector(_connection_metrics({"api": api_stats, "metrics": metrics_stats}))
-    edge = EdgeLimits(max_body_bytes=server.max_body_bytes)
+    edge = EdgeLimits(max_body_bytes=server.max_body_bytes, write_timeout_s=server.write_timeout_s)
     api = SignalFreeServer(
         _uvicorn_config(
             ApiApp(runtime.gateway, edge, runtime.admin),

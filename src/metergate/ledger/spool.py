@@ -27,6 +27,14 @@ def _line(row: Sequence[Any]) -> bytes:
         return json.dumps(list(row), default=str).encode() + b"\n"
 
 
+def _costs_nothing(row: Sequence[Any]) -> bool:
+    """A row with no tokens, no cost and usage that was read: a request the gateway answered itself."""
+    try:
+        return not (row[11] or row[12] or row[16]) and bool(row[18])
+    except (IndexError, TypeError):
+        return False
+
+
 class Spool:
     def __init__(self, path: Path, max_records: int) -> None:
         self.path = path
@@ -84,6 +92,8 @@ class Spool:
     def add(self, rows: Sequence[tuple[Any, ...]]) -> None:
         room = self.max_records - self._count
         if room < len(rows):
+            # Full: billed records keep their place before requests that cost nothing (refused by the gateway).
+            rows = sorted(rows, key=_costs_nothing)
             lost = len(rows) - max(room, 0)
             self.dropped += lost
             log.error(

@@ -234,6 +234,9 @@ class ChatStreamMeter(SSEStreamMeter):
         hidden = self._hide and chunk.get("choices") == []
         try:
             self._usage = parse_openai_usage(require_dict(usage, "usage"), chunk.get("service_tier"))
+            # OpenAI's usage chunk (no choices) follows the last content chunk: the stream's bill is complete.
+            # Servers that put running usage in every chunk (vLLM continuous_usage_stats) finish at [DONE].
+            self.finished = self.finished or chunk.get("choices") == []
         except UsageError as exc:
             self._error = exc
         return None if hidden else event.raw
