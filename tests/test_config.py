@@ -570,3 +570,23 @@ def test_check_config_error_with_brackets_in_a_value(tmp_path: Path) -> None:
     # "invalid config" report). A value like "[bold]" is silently swallowed instead.
     assert "Traceback" not in result.stderr, result.stderr
     assert "gw.yaml:58: server.timezone" in result.stderr
+
+
+def test_check_config_lists_what_it_cannot_price(tmp_path: Path) -> None:
+    """Issue 9: an operator sees the unpriced models, and the modifiers and units of priced ones, before traffic."""
+    (tmp_path / "gw.yaml").write_text(
+        "providers:\n"
+        '  openai: {type: openai, base_url: "https://api.openai.com"}\n'
+        '  vllm: {type: openai-compatible, base_url: "http://vllm:8000"}\n'
+        "routes:\n"
+        '  - {model: "fast", provider: openai, upstream_model: gpt-4o-mini}\n'
+        '  - {model: "gpt-*", provider: openai}\n'
+        '  - {model: "llama-3-70b", provider: vllm}\n'
+    )
+    result = check_config("gw.yaml", tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = " ".join(result.stdout.split())
+    assert "gpt-4o-mini │ openai │ gpt-4o-mini │ service_tier=flex" in out
+    assert "llama-3-70b │ vllm │ UNPRICED" in out
+    assert "warning: llama-3-70b (vllm) has no price" in out
+    assert "catalogue models match" in out

@@ -44,6 +44,7 @@ REQUIRED_ALERTS = {
     "LLMLedgerDown",
     "LLMLedgerRecordsLost",
     "LLMLedgerRecordsRejected",
+    "LLMUnmeteredTraffic",
 }
 # The recording rules of the metrics contract, exactly: dashboards and alerts share these names.
 CONTRACT_RECORDING_RULES = {

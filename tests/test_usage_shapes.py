@@ -55,3 +55,54 @@ def test_the_official_sdk_reads_such_a_stream_to_the_end(gateway: Gateway, tag: 
     )
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert all(c.usage is None for c in chunks)
+
+
+def test_a_stream_cut_after_its_first_figures_is_a_lower_bound_and_keeps_its_reservation(
+    simulator: SimulatorThread, tmp_path, tag: str
+) -> None:
+    """Anthropic `message_start` seen, no `message_delta`: the input is known, the output is not. The row is
+    recorded with what was reported, flagged incomplete and unmetered, and the block budget keeps the rest of the
+    reservation (the output the provider may have billed) until the period ends."""
+    import json
+    import sqlite3
+
+    import anthropic
+
+    from tests.conftest import make_gateway
+
+    gw = make_gateway(
+        tmp_path,
+        simulator.url,
+        env={"METERGATE_ADMIN_TOKEN": "admin-token"},
+        extra=(
+            f'ledger: {{url: "sqlite:///{tmp_path}/ledger.db", flush_interval_s: 0.05}}\n'
+            "budgets:\n  - {team: search, period: day, limit_usd: 100, action: block}\n"
+        ),
+    ).start()
+    try:
+        client = anthropic.Anthropic(
+            base_url=gw.url,
+            api_key=KEYS["search/ranker"],
+            max_retries=0,
+            default_headers={"x-sim-tag": tag, "x-sim-fail": "reset-after:2", "x-sim-input-tokens": "900"},
+        )
+        try:
+            with client.messages.stream(model="claude-haiku-4-5", max_tokens=4000, messages=MESSAGES) as s:
+                for _ in s:
+                    pass
+        except anthropic.APIError:
+            pass
+        admin = {"authorization": "Bearer admin-token"}
+        budget = wait_for(
+            lambda: next(
+                (b for b in httpx.get(f"{gw.url}/admin/budgets", headers=admin).json() if b["reserved_usd"] > 0), None
+            )
+        )
+        # The worst case was 4000 output tokens of claude-haiku-4-5 ($5/M) plus the estimated input; what stays
+        # reserved is that worst case minus the known cost: 900 input tokens ($1/M), 1 output token so far.
+        assert budget is not None and budget["reserved_usd"] >= (4000 * 5 - 900 - 5) / 1e6
+        with sqlite3.connect(tmp_path / "ledger.db") as conn:
+            row = wait_for(lambda: conn.execute("SELECT tokens_in, metered, details FROM usage_records").fetchone())
+        assert row[0] == 900 and row[1] == 0 and "incomplete" in json.loads(row[2])["flags"]
+    finally:
+        gw.stop()

@@ -105,6 +105,7 @@ class ReportRow(BaseModel):
     tokens_out: int
     tokens_cached: int
     cost_usd: float
+    units: dict[str, int] | None = Field(default=None, description="Non-token units billed (web_search...).")
 
 
 class ErrorBody(BaseModel):

@@ -114,6 +114,7 @@ def check_config(path: Annotated[Path, typer.Argument(help="The YAML config file
         for b in cfg.budgets:
             _row(budgets, b.scope, b.period, f"{b.limit_usd:,.2f}", b.action, f"{b.warn_at:.0%}")
         console.print(budgets)
+    _print_pricing(cfg)
     if cfg.prices:
         prices = _table("Price overrides", "model", "provider", "input $/Mtok", "output $/Mtok")
         for pr in cfg.prices:
@@ -153,6 +154,34 @@ def demo(
         run_demo(listen=listen, metrics_listen=metrics_listen, rate=rate, duration=duration, console=console)
     except ListenError as exc:
         raise _fail("cannot start", exc) from None
+
+
+def _print_pricing(cfg: Config) -> None:
+    """Which routed models metergate can price, and which of their modifiers and units it cannot: what would be
+    counted in llm_unpriced_requests_total, known before traffic arrives."""
+    from metergate.pricing import PriceBook, coverage
+    from metergate.providers import build_upstream
+
+    book = PriceBook(cfg.prices)
+    table = _table("Pricing (routes naming a model)", "model", "provider", "priced as", "no price for")
+    unpriced = []
+    for route in cfg.routes:
+        upstream = build_upstream(route.provider, cfg.providers[route.provider])
+        if route.is_glob:
+            matched = sum(route.matches(m) for m in book.catalogue_models(upstream.config.pricing_provider_id))
+            note = f"glob: {matched} catalogue models match; others need a prices: entry"
+            _row(table, route.model, route.provider, note, "")
+            continue
+        model = upstream.pricing_model(route.upstream_model or route.model)
+        cov = coverage(book, upstream.family, route.provider, upstream.config.pricing_provider_id, model)
+        if not cov.priced:
+            unpriced.append(f"{model} ({route.provider})")
+        _row(table, model, route.provider, cov.priced_as or "UNPRICED", ", ".join(cov.unpriced))
+    console.print(table)
+    for model in unpriced:
+        console.print(
+            Text(f"warning: {model} has no price: add a prices: entry, or its spend is not counted", style="yellow")
+        )
 
 
 keys_app = typer.Typer(
@@ -266,7 +295,7 @@ def report(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
     """Usage and cost from the ledger over a date range, in the config's timezone."""
-    from metergate.reports import ROW_FIELDS, build_report, to_csv, to_json
+    from metergate.reports import ROW_FIELDS, build_report, to_csv, to_json, units_cell
 
     cfg = _load(config)
     if fmt not in ("table", "csv", "json"):
@@ -284,11 +313,11 @@ def report(
     elif fmt == "csv":
         sys.stdout.write(to_csv(result))
     else:
-        table = _table(f"Usage {first} to {last} ({cfg.server.timezone})", *dims, *ROW_FIELDS)
+        table = _table(f"Usage {first} to {last} ({cfg.server.timezone})", *dims, *ROW_FIELDS, "units")
         for row in result.rows:
-            _row(table, *(row[d] for d in dims), *(_fmt(row[f]) for f in ROW_FIELDS))
+            _row(table, *(row[d] for d in dims), *(_fmt(row[f]) for f in ROW_FIELDS), units_cell(row))
         totals = result.totals
-        _row(table, "TOTAL", *([""] * (len(dims) - 1)), *(_fmt(totals[f]) for f in ROW_FIELDS))
+        _row(table, "TOTAL", *([""] * (len(dims) - 1)), *(_fmt(totals[f]) for f in ROW_FIELDS), units_cell(totals))
         console.print(table)
 
 

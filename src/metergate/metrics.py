@@ -26,7 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from metergate.usage import UsageRecord
+from metergate.usage import UNITS, UsageRecord
 
 LABELS = ("team", "app", "endpoint", "model", "provider", "code")
 IN_FLIGHT_LABELS = ("team", "app", "endpoint", "provider")
@@ -112,6 +112,8 @@ class Meter(Collector):
     def __init__(self) -> None:
         self._series: dict[LabelKey, _Series] = {}
         self._errors: dict[tuple[str, ...], int] = {}
+        self._units: dict[tuple[str, ...], int] = {}  # LABELS + unit (a closed set: usage.UNITS)
+        self._anomalies: dict[tuple[str, ...], int] = {}  # LABELS + anomaly (usage.INCONSISTENT, INCOMPLETE)
         self._in_flight: dict[tuple[str, str, str, str], int] = {}
         self._extra: list[Callable[[], Iterable[Metric]]] = []
         self.registry = CollectorRegistry(auto_describe=False)
@@ -147,6 +149,14 @@ class Meter(Collector):
         if rec.error_type is not None:
             error_key = (*key, rec.error_type)
             self._errors[error_key] = self._errors.get(error_key, 0) + 1
+        if usage.units:
+            for unit, n in usage.units.items():
+                if n and unit in UNITS:
+                    unit_key = (*key, unit)
+                    self._units[unit_key] = self._units.get(unit_key, 0) + n
+        for flag in usage.flags:
+            flag_key = (*key, flag)
+            self._anomalies[flag_key] = self._anomalies.get(flag_key, 0) + 1
 
     def request_started(self, team: str, app: str, endpoint: str, provider: str) -> None:
         key = (team, app, endpoint, provider)
@@ -225,6 +235,23 @@ class Meter(Collector):
         for error_key, n in list(self._errors.items()):
             errors.add_metric(error_key, n)
         yield errors
+        units = CounterMetricFamily(
+            "llm_billed_units",
+            "Non-token charges the provider billed (web searches, fetches, containers, images...); cost in "
+            "llm_total_cost_usd.",
+            labels=(*LABELS, "unit"),
+        )
+        for unit_key, n in list(self._units.items()):
+            units.add_metric(unit_key, n)
+        yield units
+        anomalies = CounterMetricFamily(
+            "llm_usage_anomalies",
+            "Requests whose usage was inconsistent (recorded, priced conservatively) or incomplete (a lower bound).",
+            labels=(*LABELS, "anomaly"),
+        )
+        for flag_key, n in list(self._anomalies.items()):
+            anomalies.add_metric(flag_key, n)
+        yield anomalies
         yield latency
         yield ttft
         yield unpriced

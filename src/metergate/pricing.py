@@ -420,6 +420,48 @@ class PriceBook:
         )
 
 
+# What `coverage` asks about: the served variants and units each provider type can bill.
+_PROBES: dict[str, tuple[tuple[str, Usage], ...]] = {
+    "openai": (
+        ("service_tier=flex", Usage(1, 1, service_tier="flex")),
+        ("service_tier=priority", Usage(1, 1, service_tier="priority")),
+        ("web_search", Usage(1, 1, units={"web_search": 1})),
+        ("file_search", Usage(1, 1, units={"file_search": 1})),
+    ),
+    "anthropic": (
+        ("service_tier=priority", Usage(1, 1, service_tier="priority")),
+        ("speed=fast", Usage(1, 1, speed="fast")),
+        ("web_search", Usage(1, 1, units={"web_search": 1})),
+    ),
+    "gemini": (
+        ("service_tier=priority", Usage(1, 1, service_tier="priority")),
+        ("web_search", Usage(1, 1, units={"web_search": 1})),
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    priced: bool
+    priced_as: str  # the catalogue id, "config", or "" when unpriced
+    unpriced: tuple[str, ...]  # modifiers and units with no price for this model
+
+
+def coverage(book: PriceBook, family: str, provider_name: str, pricing_provider: str | None, model: str) -> Coverage:
+    """Which of a model's possible charges metergate can price, for check-config: before traffic arrives."""
+    at = datetime.now(UTC)
+    override = book.override_card(provider_name, model)
+    entry = book.lookup(pricing_provider, model) if override is None else None
+    if override is None and entry is None:
+        return Coverage(False, "", ())
+    missing = tuple(
+        name
+        for name, probe in _PROBES.get(family, ())
+        if not book.quote(provider_name, pricing_provider, model, probe, at).complete
+    )
+    return Coverage(True, "config" if override is not None else entry.model.id if entry else "", missing)
+
+
 def _with_tier(usage: Usage, service_tier: str) -> Usage:
     return replace(usage, service_tier=service_tier)
 

@@ -38,9 +38,14 @@ class Report:
     def totals(self) -> dict[str, Any]:
         out: dict[str, Any] = {f: 0 for f in ROW_FIELDS}
         out["cost_usd"] = Decimal(0)
+        units: dict[str, int] = {}
         for row in self.rows:
             for f in ROW_FIELDS:
                 out[f] += row[f]
+            for unit, n in (row.get("units") or {}).items():
+                units[unit] = units.get(unit, 0) + n
+        if units:
+            out["units"] = units
         return out
 
 
@@ -74,7 +79,15 @@ async def build_report(
     store = await ledger.store()
     lo, hi = day_bounds(start, end, tz)
     aggregates = await ledger.call(store.aggregate, lo, hi, list(by), team)
-    return Report(start, end, str(tz), tuple(by), rows_of(aggregates, by))
+    rows = rows_of(aggregates, by)
+    units = await ledger.call(store.unit_totals, lo, hi, list(by), team)
+    if units:
+        by_group = {tuple(str(row[d]) for d in by): row for row in rows}
+        for group, unit, quantity in units:
+            row = by_group.get(group)
+            if row is not None and quantity:
+                row.setdefault("units", {})[unit] = quantity
+    return Report(start, end, str(tz), tuple(by), rows)
 
 
 async def daily_history(
@@ -121,12 +134,19 @@ def to_json(report: Report) -> bytes:
 def to_csv(report: Report) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*report.by, *ROW_FIELDS])
+    writer.writerow([*report.by, *ROW_FIELDS, "units"])
     for row in report.rows:
-        writer.writerow([row[k] for k in report.by] + [_exact(row[f]) for f in ROW_FIELDS])
+        writer.writerow([row[k] for k in report.by] + [_exact(row[f]) for f in ROW_FIELDS] + [units_cell(row)])
     totals = report.totals
-    writer.writerow(["TOTAL", *([""] * (len(report.by) - 1))] + [_exact(totals[f]) for f in ROW_FIELDS])
+    writer.writerow(
+        ["TOTAL", *([""] * (len(report.by) - 1))] + [_exact(totals[f]) for f in ROW_FIELDS] + [units_cell(totals)]
+    )
     return out.getvalue()
+
+
+def units_cell(row: dict[str, Any]) -> str:
+    """Non-token units as `web_search=3 web_fetch=1` (empty when none)."""
+    return " ".join(f"{unit}={n}" for unit, n in sorted((row.get("units") or {}).items()))
 
 
 def _exact(value: Any) -> Any:
@@ -164,6 +184,10 @@ def chargeback_markdown(team: str, month: str, report: Report) -> str:
         total = totals["cost_usd"] or Decimal(1)
         for app, cost in sorted(by_app.items(), key=lambda kv: -kv[1]):
             lines.append(f"| {app} | {_money(cost)} | {float(cost / total):.1%} |")
+    if totals.get("units"):
+        lines += ["", "## Non-token charges (included in the costs above)", "", "| unit | quantity |", "|---|---:|"]
+        for unit, n in sorted(totals["units"].items()):
+            lines.append(f"| {unit} | {n:,} |")
     lines.append("")
     lines.append("Costs are priced per request from the provider's own usage figures (genai-prices, pinned).")
     return "\n".join(lines) + "\n"

@@ -22,9 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from metergate.config import LedgerConfig
+from metergate.ledger.schema import RECORD_COLUMNS
 from metergate.ledger.spool import Spool
 from metergate.ledger.store import ApiKey, LedgerError, Rejected, Store, open_store, sqlite_path
 from metergate.usage import UsageRecord
@@ -77,7 +79,59 @@ def record_row(rec: UsageRecord, replica: str) -> tuple[Any, ...]:
         rec.ttft_s,
         rec.error_type,
         replica,
+        record_details(rec),
     )
+
+
+_MAX_PARTS = 64
+
+
+def record_details(rec: UsageRecord) -> str | None:
+    """What a row's columns cannot hold, as JSON (None for the usual request): non-token units, the passes billed
+    at their own model, the price modifiers that applied, modality counts and usage flags. Bounded in size."""
+    u = rec.usage
+    details: dict[str, Any] = {}
+    if u.units:
+        details["units"] = {unit: n for unit, n in u.units.items() if n}
+    modalities = {
+        name: n
+        for name, n in (
+            ("input_audio", u.input_audio_tokens),
+            ("cache_audio_read", u.cache_audio_read_tokens),
+            ("input_image", u.input_image_tokens),
+            ("cache_image_read", u.cache_image_read_tokens),
+            ("output_audio", u.output_audio_tokens),
+            ("output_image", u.output_image_tokens),
+        )
+        if n
+    }
+    if modalities:
+        details["modalities"] = modalities
+    if u.parts:
+        details["parts"] = [
+            {
+                "kind": p.kind,
+                "model": bounded_text(p.model) if p.model else None,
+                "tokens_in": p.usage.input_tokens,
+                "tokens_out": p.usage.output_tokens,
+                "tokens_cached": p.usage.cache_read_tokens,
+                "tokens_cache_write": p.usage.cache_write_tokens,
+            }
+            for p in u.parts[:_MAX_PARTS]
+        ]
+        if len(u.parts) > _MAX_PARTS:
+            details["parts_omitted"] = len(u.parts) - _MAX_PARTS
+    if rec.price_notes:
+        details["pricing"] = [bounded_text(n, 120) for n in rec.price_notes[:16]]
+    if u.flags:
+        details["flags"] = list(u.flags)
+    return orjson.dumps(details).decode() if details else None
+
+
+def _full_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A spooled row written by an older metergate, padded with the columns added since."""
+    missing = len(RECORD_COLUMNS) - len(row)
+    return row + (None,) * missing if missing > 0 else row
 
 
 def default_spool_path(config: LedgerConfig) -> Path:
@@ -326,7 +380,7 @@ class Ledger:
         rejected: list[Rejected] = []
         try:
             for chunk in self.spool.batches(5000):
-                rejected += await self.call(store.write, chunk)
+                rejected += await self.call(store.write, [_full_row(row) for row in chunk])
                 replayed += len(chunk)
         except LedgerError as exc:
             self.write_errors += 1

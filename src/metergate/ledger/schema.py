@@ -114,6 +114,14 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        3,
+        "usage_records.details: non-token units, separately billed passes, price modifiers and usage flags (JSON)",
+        _both("ALTER TABLE usage_records ADD COLUMN details TEXT"),
+    ),
+)
+
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 MIGRATIONS_TABLE = {
@@ -148,4 +156,5 @@ RECORD_COLUMNS = (
     "ttft_s",
     "error_type",
     "replica",
+    "details",
 )

@@ -195,6 +195,32 @@ class Store(ABC):
             if int(row[n]) > 0
         ]
 
+    def unit_totals(
+        self, since: float, until: float, by: Sequence[str], team: str | None = None
+    ) -> list[tuple[tuple[str, ...], str, int]]:
+        """Non-token units (details.units) per group of a report: (group, unit, quantity)."""
+        for dim in by:
+            if dim not in REPORT_DIMENSIONS:
+                raise ValueError(f"cannot group by {dim!r}; choose from {', '.join(REPORT_DIMENSIONS)}")
+        p = self._p
+        cols = "".join(f"r.{d}, " for d in by)
+        if self.dialect == "sqlite":
+            source = "usage_records r, json_each(r.details, '$.units') j"
+            quantity = "SUM(j.value)"
+        else:
+            source = "usage_records r, jsonb_each_text(r.details::jsonb -> 'units') j"
+            quantity = "SUM(j.value::BIGINT)"
+        where = f"r.details IS NOT NULL AND r.started_at >= {p} AND r.started_at < {p}"
+        params: list[Any] = [since, until]
+        if team is not None:
+            where += f" AND r.team = {p}"
+            params.append(team)
+        rows = self._execute(
+            f"SELECT {cols}j.key, {quantity} FROM {source} WHERE {where} GROUP BY {cols}j.key", params
+        )
+        n = len(by)
+        return [(tuple(str(v) for v in row[:n]), str(row[n]), int(row[n + 1])) for row in rows]
+
     # --- API keys --------------------------------------------------------------------------------------------
 
     def add_key(self, key: ApiKey) -> None:

@@ -10,13 +10,14 @@ import asyncio
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import orjson
 
 from metergate.simulator import anthropic, gemini, openai
-from metergate.simulator.plan import RESPONSE_HEADER, Bill, Billed, make_plan
+from metergate.simulator.plan import REPLAY, RESPONSE_HEADER, TAG, Bill, Billed, make_plan
 from metergate.simulator.wire import Wire
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -33,6 +34,24 @@ _REPORTABLE = {
 }
 
 
+def replay_sse(family: str, lines: bytes) -> bytes:
+    """SSE framing around recorded event payloads kept one per line (the providers' own framing)."""
+    out = []
+    for line in lines.splitlines():
+        if not line.strip():
+            continue
+        if family == "anthropic":
+            kind = orjson.loads(line).get("type", "")
+            out.append(b"event: " + kind.encode() + b"\ndata: " + line + b"\n\n")
+        elif family == "gemini":
+            out.append(b"data: " + line + b"\r\n\r\n")
+        else:
+            out.append(b"data: " + line + b"\n\n")
+    if family not in ("anthropic", "gemini"):
+        out.append(b"data: [DONE]\n\n")
+    return b"".join(out)
+
+
 def _field_mask(query: str) -> set[str] | None:
     """Google's `fields` system parameter: only the named top-level fields are returned."""
     values = parse_qs(query).get("fields")
@@ -42,12 +61,16 @@ def _field_mask(query: str) -> set[str] | None:
 class SimulatedProvider:
     """An ASGI app; `bills` lists what it billed, newest last."""
 
-    def __init__(self, keys: dict[str, str] | None = None, *, max_bills: int | None = None) -> None:
+    def __init__(
+        self, keys: dict[str, str] | None = None, *, max_bills: int | None = None, corpus: Path | None = None
+    ) -> None:
         # family -> the credential it accepts ("openai", "azure", "anthropic", "gemini"); None accepts any.
         self.keys = keys
         self.bills: deque[Bill] = deque(maxlen=max_bills)
         self.deployments: dict[str, str] = {}  # Azure deployment -> model
         self.models = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
+        # Recorded provider responses, answered byte for byte to requests naming one in `x-sim-replay`.
+        self.corpus = corpus.resolve() if corpus is not None else None
 
     def billed(self, tag: str | None = None) -> list[Bill]:
         return [b for b in list(self.bills) if tag is None or b.tag == tag]
@@ -105,6 +128,9 @@ class SimulatedProvider:
             return
         if not self._authorized(family, headers, query):
             await self._error(wire, family, 401, "Invalid API key.")
+            return
+        if REPLAY in headers and self.corpus is not None:
+            await self._replay(family, path, headers, wire)
             return
         if method == "GET" and path == "/v1/models":
             await wire.json(200, openai.models_list(self.models))
@@ -188,6 +214,24 @@ class SimulatedProvider:
             bill.status = 404
             bill.planned = Billed()
             await self._error(wire, "openai" if family == "azure" else family, 404, f"Unknown API {api}")
+
+    async def _replay(self, family: str, path: str, headers: dict[str, str], wire: Wire) -> None:
+        """Answer with a recorded response: the file's bytes as recorded (see tests/corpus/README.md for the files
+        that were re-serialised or whose SSE framing is rebuilt from recorded payloads)."""
+        assert self.corpus is not None
+        target = (self.corpus / headers[REPLAY]).resolve()
+        if not target.is_relative_to(self.corpus) or not target.is_file():
+            await wire.json(404, openai.error(404, f"no recording {headers[REPLAY]}"))
+            return
+        self.bills.append(Bill(api=f"replay:{path}", model="", tag=headers.get(TAG), stream=False, headers=headers))
+        body = target.read_bytes()
+        name = target.name
+        if name.endswith(".chunks.jsonl"):
+            body = replay_sse(family, body)
+        kind = "text/event-stream" if name.endswith((".sse", ".chunks.jsonl")) else "application/json"
+        await wire.start(kind)
+        await wire.write(body)
+        await wire.end()
 
     def _authorized(self, family: str, headers: dict[str, str], query: str) -> bool:
         if self.keys is None:

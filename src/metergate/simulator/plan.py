@@ -28,6 +28,7 @@ RESPONSE_HEADER = "x-sim-response-header"  # "name=percent-encoded value": added
 LEGACY_DELTA = "x-sim-legacy-delta"  # "1": Anthropic message_delta carries output_tokens only (older API versions)
 IGNORE_INCLUDE_USAGE = "x-sim-ignore-include-usage"  # "1": like servers that never send the usage chunk
 LENIENT = "x-sim-lenient"  # "1": read booleans the way pydantic-based servers (vLLM...) do: "true" and 1 are true
+REPLAY = "x-sim-replay"  # a recorded response file (relative to the simulator's corpus) to answer with
 SPACED_JSON = "x-sim-spaced-json"  # "1": stream chunks written like Python's json.dumps ('"usage": null')
 
 
