@@ -55,3 +55,54 @@ def cost(model: str, billed: Billed) -> Decimal:
         + billed.output * Decimal(p.output)
     )
     return total / MTOK
+
+
+@dataclass(frozen=True)
+class MediaPrice:
+    """USD per million tokens by modality, as the model pages list them."""
+
+    text_in: str = "0"
+    image_in: str = "0"
+    audio_in: str = "0"
+    output: str = "0"
+
+
+# developers.openai.com/api/docs/models/<model>: gpt-image-1 (text $5, image $10, output $40), gpt-4o-mini-transcribe
+# (text $1.25, audio $3, output $5), gpt-4o-mini-tts (text $0.60, audio output $12).
+MEDIA_PRICES: dict[str, MediaPrice] = {
+    "gpt-image-1": MediaPrice(text_in="5", image_in="10", output="40"),
+    "gpt-4o-mini-transcribe": MediaPrice(text_in="1.25", audio_in="3", output="5"),
+    "gpt-4o-mini-tts": MediaPrice(text_in="0.60", output="12"),
+}
+# USD per unit: DALL-E per image (openai.com/api/pricing, 2023-11), whisper-1 $0.006 a minute, tts-1 $15 and
+# tts-1-hd $30 per million characters, Imagen 4 $0.04 per image (ai.google.dev/gemini-api/docs/pricing).
+UNIT_PRICES: dict[tuple[str, str], str] = {
+    ("dall-e-2", "image/256x256/standard"): "0.016",
+    ("dall-e-2", "image/512x512/standard"): "0.018",
+    ("dall-e-2", "image/1024x1024/standard"): "0.020",
+    ("dall-e-3", "image/1024x1024/standard"): "0.040",
+    ("dall-e-3", "image/1792x1024/hd"): "0.120",
+    ("whisper-1", "audio_second"): "0.0001",
+    ("tts-1", "character"): "0.000015",
+    ("tts-1-hd", "character"): "0.00003",
+    ("imagen-4.0-generate-001", "image"): "0.04",
+}
+
+
+def media_cost(bill: object) -> Decimal:
+    """What one simulated media bill costs: tokens per modality, then units."""
+    b = bill.planned  # type: ignore[attr-defined]
+    model = bill.model  # type: ignore[attr-defined]
+    total = Decimal(0)
+    price = MEDIA_PRICES.get(model)
+    if price is not None:
+        text = b.input - b.input_image - b.input_audio
+        total += (
+            text * Decimal(price.text_in)
+            + b.input_image * Decimal(price.image_in)
+            + b.input_audio * Decimal(price.audio_in)
+            + b.output * Decimal(price.output)
+        ) / MTOK
+    for unit, n in bill.units.items():  # type: ignore[attr-defined]
+        total += Decimal(UNIT_PRICES[(model, unit)]) * n
+    return total

@@ -141,22 +141,62 @@ def test_unknown_key_is_401_and_attributed_to_no_team(gw: Gateway) -> None:
     assert after.delta(before, "llm_requests_total", team="search") == 0
 
 
-@pytest.mark.parametrize(
-    ("method", "path", "shape"),
-    [
-        ("POST", "/v2/whatever", lambda b: b["error"]["type"] == "invalid_request_error"),
-        ("GET", "/v1/chat/completions", lambda b: b["error"]["type"] == "invalid_request_error"),
-        ("OPTIONS", "/v1/messages", lambda b: b["type"] == "error" and b["error"]["type"] == "not_found_error"),
-        ("POST", "/v1beta/models/gemini-2.5-flash:fooContent", lambda b: b["error"]["status"] == "NOT_FOUND"),
-    ],
-)
-def test_unknown_route_is_404_counted_under_endpoint_other(gw: Gateway, method: str, path: str, shape) -> None:  # type: ignore[no-untyped-def]
+UNKNOWN_ROUTES = [
+    ("POST", "/v2/whatever", lambda b: b["error"]["type"] == "invalid_request_error"),
+    ("PUT", "/v1/chat/completions", lambda b: b["error"]["type"] == "invalid_request_error"),
+    ("OPTIONS", "/v1/messages", lambda b: b["type"] == "error" and b["error"]["type"] == "not_found_error"),
+    ("POST", "/v1beta/models/gemini-2.5-flash:fooContent", lambda b: b["error"]["status"] == "NOT_FOUND"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "shape"), UNKNOWN_ROUTES)
+def test_unknown_route_is_forwarded_and_counted_under_endpoint_other(
+    gw: Gateway, method: str, path: str, shape
+) -> None:  # type: ignore[no-untyped-def]
+    """Paths the gateway does not know go to the provider of the API they look like (`server.unknown_paths:
+    forward`, the default), counted under endpoint `other`: here the provider itself answers 404."""
     before = gw.metrics()
     r = httpx.request(method, f"{gw.url}{path}", json={}, headers=gw.headers("search/ranker"))
     assert r.status_code == 404 and shape(r.json())
+    assert r.headers["x-metergate-request-id"]
     labels = {"team": "search", "app": "ranker", "endpoint": "other", "code": "404"}
-    assert wait_for(lambda: gw.metrics().delta(before, "llm_errors_total", error_type="unknown_route", **labels) == 1)
+    assert wait_for(
+        lambda: gw.metrics().delta(before, "llm_errors_total", error_type="upstream_client_error", **labels) == 1
+    )
     assert gw.metrics().delta(before, "llm_requests_total", **labels) == 1
+
+
+@pytest.fixture(scope="module")
+def strict(simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = make_gateway(
+        tmp_path_factory.mktemp("strict"),
+        simulator.url,
+        server_extra=", unknown_paths: refuse, unmetered_routes: refuse",
+    ).start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.mark.parametrize(("method", "path", "shape"), UNKNOWN_ROUTES)
+def test_unknown_route_is_404_when_unknown_paths_are_refused(strict: Gateway, method: str, path: str, shape) -> None:  # type: ignore[no-untyped-def]
+    before = strict.metrics()
+    r = httpx.request(method, f"{strict.url}{path}", json={}, headers=strict.headers("search/ranker"))
+    assert r.status_code == 404 and shape(r.json())
+    labels = {"team": "search", "app": "ranker", "endpoint": "other", "code": "404"}
+    assert wait_for(
+        lambda: strict.metrics().delta(before, "llm_errors_total", error_type="unknown_route", **labels) == 1
+    )
+    assert strict.metrics().delta(before, "llm_requests_total", **labels) == 1
+
+
+def test_unmetered_routes_refused_when_configured(strict: Gateway) -> None:
+    """A fine-tuning job is billed by the provider in a way the gateway cannot read: a gateway configured with
+    `unmetered_routes: refuse` answers 403 in the caller's shape and never forwards it."""
+    client = oai(strict)
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        client.fine_tuning.jobs.create(model="gpt-4o-mini-2024-07-18", training_file="file-abc")
+    assert "cannot meter" in info.value.message
+    assert client.fine_tuning.jobs.list().data == []  # listing is free: forwarded
 
 
 def test_upstream_refuses_connection_is_502(gw: Gateway) -> None:

@@ -590,3 +590,32 @@ def test_check_config_lists_what_it_cannot_price(tmp_path: Path) -> None:
     assert "llama-3-70b │ vllm │ UNPRICED" in out
     assert "warning: llama-3-70b (vllm) has no price" in out
     assert "catalogue models match" in out
+
+
+def test_check_config_shows_where_calls_naming_no_model_go(tmp_path: Path) -> None:
+    config = VALID.replace("routes:\n", 'routes:\n  - {path: "/v1/vector_stores*", provider: groq}\n', 1)
+    (tmp_path / "gw.yaml").write_text(config)
+    result = check_config("gw.yaml", tmp_path, env={"MG_TEST_OPENAI_KEY": "sk-test"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "path /v1/vector_stores*" in out
+    assert "Calls naming no model" in out
+    # Per API: the path route first, then the first provider speaking that API for anything else.
+    table = out[out.index("Calls naming no model") :]
+    assert "/v1/vector_stores*" in table and "groq" in table
+    assert "(any other path)" in table and "openai" in table and "claude" in table
+
+
+@pytest.mark.parametrize(
+    ("route", "error"),
+    [
+        ("{provider: openai}", "either `model:`"),
+        ('{model: "gpt-*", path: "/v1/files*", provider: openai}', "either `model:`"),
+        ('{path: "v1/files", provider: openai}', "must start with /"),
+        ('{path: "/v1/files*", provider: openai, upstream_model: x}', "model routes only"),
+    ],
+)
+def test_route_names_a_model_or_a_path(route: str, error: str) -> None:
+    text = VALID.replace("routes:\n", f"routes:\n  - {route}\n", 1)
+    with pytest.raises(ConfigError, match=error):
+        parse_config(text, source="gw.yaml")

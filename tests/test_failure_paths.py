@@ -101,7 +101,7 @@ def test_unreadable_usage_is_recorded_as_unmetered(simulator, tmp_path: Path, ta
 
 def test_worst_case_counts_every_choice() -> None:
     from metergate.endpoints import match_endpoint
-    from metergate.gateway import RequestContext
+    from metergate.exchange import RequestContext
     from metergate.providers import API_ADAPTERS, build_upstream
     from metergate.routing import Route
 

@@ -29,7 +29,7 @@ from metergate.periods import PERIODS, parse_day
 from metergate.reports import build_report, chargeback_markdown, month_bounds, to_csv
 
 if TYPE_CHECKING:
-    from metergate.gateway import RequestBody
+    from metergate.exchange import RequestBody
 
 ADMIN_TOKEN_ENV = "METERGATE_ADMIN_TOKEN"
 

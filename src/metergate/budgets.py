@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from metergate.auth import Principal
 from metergate.config import BudgetConfig, Config
 from metergate.errors import GatewayError
 from metergate.forecast import forecast
@@ -37,7 +38,7 @@ from metergate.pricing import PriceBook
 from metergate.usage import INCOMPLETE, Usage, UsageRecord, from_pusd, to_pusd
 
 if TYPE_CHECKING:
-    from metergate.gateway import RequestContext
+    from metergate.exchange import RequestContext
 
 log = logging.getLogger("metergate.budgets")
 
@@ -406,7 +407,7 @@ class BudgetGuard:
             id(b): (to_pusd(Decimal(str(b.limit_usd * b.warn_at))), to_pusd(Decimal(str(b.limit_usd))))
             for b in self.budgets
         }
-        self._estimates: dict[tuple[str, str, int, int], int] = {}
+        self._estimates: dict[tuple[str, str, int, int, tuple[tuple[str, int], ...]], int] = {}
         self._by_team: dict[str, list[BudgetConfig]] = {}
         for b in self.budgets:
             self._by_team.setdefault(b.team, []).append(b)
@@ -485,7 +486,7 @@ class BudgetGuard:
 
     async def reserve(self, ctx: RequestContext) -> Reservation | None:
         principal = ctx.principal
-        if principal is None or ctx.route is None or ctx.facts is None:
+        if principal is None:
             return None
         budgets = [
             b
@@ -494,7 +495,9 @@ class BudgetGuard:
         ]
         if not budgets:
             return None
-        estimate = self.worst_case_pusd(ctx)
+        # A call with no model to price (a batch creation, an unmetered route) reserves nothing: it is only refused
+        # once the budget is spent.
+        estimate = self.worst_case_pusd(ctx) if ctx.route is not None and ctx.facts is not None else 0
         # The periods of the request's own start time, which its ledger record will carry too.
         windows = self.tracker.current(ctx.started_at)
         reservation = Reservation()
@@ -517,6 +520,21 @@ class BudgetGuard:
             reservation.holds.append(hold)
         return reservation
 
+    def refusal(self, principal: Principal) -> GatewayError | None:
+        """The refusal a new spend by this principal would get now (a block budget spent), without reserving:
+        for long-lived sessions (Realtime) that are checked as they spend."""
+        windows = self.tracker.current(self.clock.time())
+        for budget in self._by_team.get(principal.team, ()):
+            if budget.action != "block" or (budget.app is not None and budget.app != principal.app):
+                continue
+            w = windows[budget.period]
+            team, app = scope_of(budget)
+            spent = self.tracker.spent_pusd(team, app, budget.period, w)
+            reserved = self.reservations.reserved_pusd(budget, w.start_ts)
+            if spent + reserved >= self._thresholds[id(budget)][1]:
+                return self._refusal(budget, w, spent, reserved)
+        return None
+
     def worst_case_pusd(self, ctx: RequestContext) -> int:
         """Estimated input (a token is at least 3 bytes of the request body, in practice) plus the output cap.
 
@@ -530,7 +548,9 @@ class BudgetGuard:
         output = cap * ctx.facts.choices  # every choice (OpenAI n, Gemini candidateCount) is billed
         upstream = ctx.route.upstream
         model = upstream.pricing_model(ctx.route.upstream_model)
-        key = (upstream.name, model, input_tokens, output)
+        # Units the request itself fixes (characters of speech, DALL-E images of a size) are part of the worst case.
+        units = ctx.facts.request_units
+        key = (upstream.name, model, input_tokens, output, tuple(sorted(units.items())) if units else ())
         cached = self._estimates.get(key)
         if cached is not None:
             return cached
@@ -538,7 +558,7 @@ class BudgetGuard:
             upstream.name,
             upstream.config.pricing_provider_id,
             model,
-            Usage(input_tokens=input_tokens, output_tokens=output),
+            Usage(input_tokens=input_tokens, output_tokens=output, units=dict(units) if units else None),
             self.clock.now(),
         )
         estimate = to_pusd(cost) if cost is not None else 0

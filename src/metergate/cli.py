@@ -85,6 +85,23 @@ def serve(
         raise _fail("cannot start", exc) from None
 
 
+def _print_modelless_routes(cfg: Config) -> None:
+    """Where calls that name no model (files, batches, model lists...) go, per API: `path:` routes first, then
+    the first provider speaking that API."""
+    from metergate.providers import build_upstream
+    from metergate.routing import Router
+
+    upstreams = {name: build_upstream(name, p) for name, p in cfg.providers.items()}
+    router = Router(cfg.routes, upstreams)
+    table = _table("Calls naming no model (files, batches, model lists...)", "API", "path", "provider")
+    for route in cfg.routes:
+        if route.path is not None:
+            _row(table, upstreams[route.provider].family, route.path, route.provider)
+    for family, upstream in router.default_providers().items():
+        _row(table, family, "(any other path)", upstream.name if upstream else "none: such calls get a 404")
+    console.print(table)
+
+
 @app.command("check-config")
 def check_config(path: Annotated[Path, typer.Argument(help="The YAML config file to check.")]) -> None:
     """Validate a config and print what it means: listeners, providers, routes, teams, budgets."""
@@ -96,10 +113,12 @@ def check_config(path: Annotated[Path, typer.Argument(help="The YAML config file
         credential = f"${p.api_key_env}" if p.api_key_env else "(none)"
         _row(providers, name, p.type, p.base_url, credential, p.pricing_provider_id or "config prices only")
     console.print(providers)
-    routes = _table("Routes (first match wins)", "#", "model", "provider", "sent upstream as")
+    routes = _table("Routes (first match wins)", "#", "matches", "provider", "sent upstream as")
     for i, r in enumerate(cfg.routes, 1):
-        _row(routes, i, r.model, r.provider, r.upstream_model or "(as requested)")
+        matches = f"model {r.model}" if r.model is not None else f"path {r.path}"
+        _row(routes, i, matches, r.provider, r.upstream_model or "(as requested)")
     console.print(routes)
+    _print_modelless_routes(cfg)
     teams: dict[str, set[str]] = {}
     for k in cfg.keys:
         teams.setdefault(k.team, set()).add(k.app)
@@ -166,6 +185,8 @@ def _print_pricing(cfg: Config) -> None:
     table = _table("Pricing (routes naming a model)", "model", "provider", "priced as", "no price for")
     unpriced = []
     for route in cfg.routes:
+        if route.model is None:
+            continue
         upstream = build_upstream(route.provider, cfg.providers[route.provider])
         if route.is_glob:
             matched = sum(route.matches(m) for m in book.catalogue_models(upstream.config.pricing_provider_id))

@@ -73,7 +73,18 @@ def parse_hostport(value: str) -> tuple[str, int]:
 class ServerConfig(_Model):
     listen: str = "127.0.0.1:8080"
     metrics_listen: str = "127.0.0.1:9102"
+    # Bodies the gateway parses (model calls) are held in memory up to this size; bodies it only forwards (file
+    # uploads) are streamed through, up to the larger limit.
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0, le=1 << 40)
+    max_stream_body_bytes: int = Field(default=4 * 1024**3, gt=0, le=1 << 44)
+    # The gateway's URL as clients reach it, for provider URLs rewritten to point back at it (Anthropic's batch
+    # results_url, Gemini's upload URLs); default: http:// and the Host the client sent.
+    public_url: str | None = None
+    # Paths matching no known route: forwarded (counted as unmetered, endpoint `other`) or refused with a 404.
+    unknown_paths: Literal["forward", "refuse"] = "forward"
+    # Routes the provider bills in ways the gateway cannot meter (fine-tuning jobs, ephemeral realtime secrets):
+    # forwarded and counted as unmetered, or refused.
+    unmetered_routes: Literal["forward", "refuse"] = "forward"
     trusted_headers: bool = False
     connect_timeout_s: float = Field(default=10.0, gt=0, le=_DAY)
     upstream_timeout_s: float = Field(default=600.0, gt=0, le=_DAY)
@@ -95,6 +106,15 @@ class ServerConfig(_Model):
     def _hostport(cls, v: str) -> str:
         parse_hostport(v)
         return v
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", v):
+            raise ValueError(f"public_url must be an http(s) URL without query, got {v!r}")
+        return v.rstrip("/")
 
     @field_validator("timezone")
     @classmethod
@@ -148,17 +168,42 @@ class ProviderConfig(_Model):
 
 
 class RouteConfig(_Model):
-    model: str = Field(min_length=1)
+    """A route names a model glob (calls naming a model) or a path glob (calls that name none: files, batches...)."""
+
+    model: str | None = Field(default=None, min_length=1)
+    path: str | None = Field(default=None, min_length=1)
     provider: str
     # Alias: clients ask for `model`, the provider is sent `upstream_model`.
     upstream_model: str | None = None
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> RouteConfig:
+        if (self.model is None) == (self.path is None):
+            raise ValueError(
+                "a route has either `model:` (a glob on the model a call names) or `path:` (a glob on the request "
+                "path, for calls that name no model)"
+            )
+        if self.path is not None:
+            if not self.path.startswith("/"):
+                raise ValueError(f"path must start with /, got {self.path!r}")
+            if self.upstream_model is not None:
+                raise ValueError("upstream_model applies to model routes only")
+        return self
+
     def matches(self, model: str) -> bool:
-        return fnmatchcase(model, self.model)
+        return self.model is not None and fnmatchcase(model, self.model)
+
+    def matches_path(self, path: str) -> bool:
+        return self.path is not None and fnmatchcase(path, self.path)
 
     @property
     def is_glob(self) -> bool:
-        return any(c in self.model for c in "*?[")
+        return self.model is None or any(c in self.model for c in "*?[")
+
+    @property
+    def named_model(self) -> str | None:
+        """The one model this route names literally, if it does."""
+        return None if self.is_glob else self.model
 
 
 class KeyConfig(_Model):
@@ -188,26 +233,61 @@ class TeamConfig(_Model):
 
 
 class PriceConfig(_Model):
-    """A per-model price in USD per million tokens, overriding or adding to the genai-prices catalogue."""
+    """A per-model price in USD, overriding or adding to the genai-prices catalogue: per million tokens, and per
+    non-token unit (README "Pricing")."""
 
     model: str = Field(min_length=1)
     provider: str | None = None
-    input_mtok: float = Field(ge=0, le=1e6)
+    input_mtok: float = Field(default=0.0, ge=0, le=1e6)
     output_mtok: float = Field(default=0.0, ge=0, le=1e6)
     cache_read_mtok: float | None = Field(default=None, ge=0, le=1e6)
     cache_write_mtok: float | None = Field(default=None, ge=0, le=1e6)
     # USD per non-token unit (web_search, web_fetch, file_search, code_interpreter_session...): README "Units".
     units: dict[str, Annotated[float, Field(ge=0, le=1e6)]] = Field(default_factory=dict)
+    # Media: USD per image (one figure, or per "<size>/<quality>" such as "1024x1024/hd"), per second of audio,
+    # per million characters of speech input.
+    per_image: float | dict[str, Annotated[float, Field(ge=0, le=1e6)]] | None = None
+    per_second: float | None = Field(default=None, ge=0, le=1e6)
+    per_million_characters: float | None = Field(default=None, ge=0, le=1e9)
 
     @field_validator("units")
     @classmethod
     def _known_units(cls, v: dict[str, float]) -> dict[str, float]:
         from metergate.usage import UNITS
 
-        unknown = sorted(set(v) - UNITS)
+        unknown = sorted(u for u in v if u.split("/", 1)[0] not in UNITS)
         if unknown:
             raise ValueError(f"unknown unit {unknown[0]!r}; known: {', '.join(sorted(UNITS))}")
         return v
+
+    @field_validator("per_image")
+    @classmethod
+    def _image_prices(cls, v: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        if isinstance(v, float | int) and not 0 <= v <= 1e6:
+            raise ValueError("per_image must be between 0 and 1000000")
+        if isinstance(v, dict):
+            for key in v:
+                size, _, quality = key.partition("/")
+                if not re.fullmatch(r"\d{2,5}x\d{2,5}", size) or (
+                    quality and not re.fullmatch(r"[a-z]{1,16}", quality)
+                ):
+                    raise ValueError(f"per_image keys are <size> or <size>/<quality> (1024x1024/hd), got {key!r}")
+        return v
+
+    def unit_prices(self) -> dict[str, float]:
+        """Every unit price this entry sets, by unit (`image/<size>/<quality>` for per-size image prices)."""
+        prices = dict(self.units)
+        if isinstance(self.per_image, dict):
+            for key, usd in self.per_image.items():
+                size, _, quality = key.partition("/")
+                prices[f"image/{size}/{quality or 'standard'}"] = usd
+        elif self.per_image is not None:
+            prices["image"] = self.per_image
+        if self.per_second is not None:
+            prices["audio_second"] = self.per_second
+        if self.per_million_characters is not None:
+            prices["character"] = self.per_million_characters / 1e6
+        return prices
 
     def matches(self, provider: str, model: str) -> bool:
         return (self.provider is None or self.provider == provider) and fnmatchcase(model, self.model)
@@ -254,6 +334,11 @@ class LedgerConfig(_Model):
         return v
 
 
+class BatchesConfig(_Model):
+    # How often the provider is asked about each batch created through the gateway, until it ends.
+    poll_interval_s: float = Field(default=60.0, ge=0.05, le=_DAY)
+
+
 class BudgetDefaults(_Model):
     # Worst-case output reserved when a request does not say max_tokens.
     default_max_output_tokens: int = Field(default=4096, gt=0, le=10_000_000)
@@ -268,6 +353,7 @@ class Config(_Model):
     prices: list[PriceConfig] = Field(default_factory=list)
     budgets: list[BudgetConfig] = Field(default_factory=list)
     budget_defaults: BudgetDefaults = Field(default_factory=BudgetDefaults)
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
     ledger: LedgerConfig | None = None
 
     @model_validator(mode="after")

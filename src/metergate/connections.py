@@ -100,6 +100,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._awaiting_headers = True
         self._refusal: tuple[int, str] | None = None
         self._chunk_bytes = 0
+        self._upgraded = False
         self.last_active = self.headers_since = time.monotonic()
 
     # --- connection lifecycle --------------------------------------------------------------------------------
@@ -112,8 +113,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._make_room()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.stats.open -= 1
+        if not self._upgraded:
+            self.stats.open -= 1
         super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self) -> None:
+        # The socket now belongs to a WebSocket protocol (a Realtime session, counted as a request in flight); this
+        # protocol never hears of it again.
+        self._upgraded = True
+        self.stats.open -= 1
+        super().handle_websocket_upgrade()
 
     def _idle(self) -> bool:
         """No request of this connection is being served: closing it loses nothing but a socket."""

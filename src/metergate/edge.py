@@ -1,6 +1,6 @@
 """The HTTP edge: raw ASGI apps for the API listener and the metrics listener.
 
-Deliberately thin. It hands the raw request line, the headers and a lazily read body to `Gateway.handle`, and
+Deliberately thin. It hands the raw request line, the headers and a lazily read body to `Dispatcher.handle`, and
 notices when the client hangs up. No framework: the API surface is a handful of
 routes and every microsecond here is added to every LLM call (see benchmarks/README.md).
 """
@@ -8,15 +8,16 @@ routes and every microsecond here is added to every LLM call (see benchmarks/REA
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import make_asgi_app
 
 from metergate.admin import AdminApi
+from metergate.dispatch import Dispatcher
 from metergate.errors import GatewayError
-from metergate.gateway import Gateway, InboundRequest
+from metergate.exchange import InboundRequest
 from metergate.metrics import Meter
 
 Scope = MutableMapping[str, Any]
@@ -88,24 +89,43 @@ class AsgiBody:
     """A request body read only when the gateway asks for it: after the key is checked, so a client without a key
     never makes the gateway buffer a byte of its body.
 
-    `read` raises GatewayError: 413 past the limit (without reading past it), 499 when the client hangs up before
-    the end, 408 when the connection guard ended a body that stopped arriving (connections.py).
+    `read` (a body the gateway parses) and `stream` (a body it forwards) raise GatewayError: 413 past their limit
+    (without reading past it), 499 when the client hangs up before the end, 408 when the connection guard ended a
+    body that stopped arriving (connections.py). `error` keeps what `stream` raised, because the HTTP client
+    forwarding the stream reports it as a broken upload.
     """
 
-    __slots__ = ("_limit", "_receive", "declared", "finished")
+    __slots__ = ("_limit", "_receive", "_stream_limit", "declared", "error", "finished")
 
-    def __init__(self, receive: Receive, headers: dict[str, str], limit: int) -> None:
+    def __init__(self, receive: Receive, headers: dict[str, str], limit: int, stream_limit: int | None = None) -> None:
         self._receive = receive
         self._limit = limit
+        self._stream_limit = stream_limit or limit
         self.declared = headers.get("content-length")
         self.finished = self.declared in (None, "0") and "transfer-encoding" not in headers
+        self.error: GatewayError | None = None
+
+    @property
+    def declared_length(self) -> int | None:
+        declared = self.declared
+        return int(declared) if declared is not None and declared.isdigit() and len(declared) < 20 else None
 
     async def read(self) -> bytes:
-        limit = self._limit
-        declared = self.declared
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        chunks = [chunk async for chunk in self._chunks(self._limit)]
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._chunks(self._stream_limit):
+                yield chunk
+        except GatewayError as err:
+            self.error = err
+            raise
+
+    async def _chunks(self, limit: int) -> AsyncIterator[bytes]:
+        declared = self.declared_length
+        if declared is not None and declared > limit:
             raise _too_large(limit)
-        chunks: list[bytes] = []
         size = 0
         while True:
             message = await self._receive()
@@ -119,11 +139,13 @@ class AsgiBody:
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit)
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        self.finished = True
-        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+            more = message.get("more_body", False)
+            if not more:
+                self.finished = True
+            if chunk:
+                yield chunk
+            if not more:
+                return
 
 
 def _too_large(limit: int) -> GatewayError:
@@ -133,6 +155,7 @@ def _too_large(limit: int) -> GatewayError:
 @dataclass(frozen=True, slots=True)
 class EdgeLimits:
     max_body_bytes: int = 32 * 1024 * 1024
+    max_stream_body_bytes: int = 4 * 1024**3
     admin_body_bytes: int = 1024 * 1024
     write_timeout_s: float = 60.0  # the longest a client may leave a streamed response unread
 
@@ -140,12 +163,25 @@ class EdgeLimits:
 class ApiApp:
     """The LLM API listener: /admin/ goes to the admin API, everything else to the gateway."""
 
-    def __init__(self, gateway: Gateway, limits: EdgeLimits, admin: AdminApi | None = None) -> None:
-        self.gateway = gateway
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        limits: EdgeLimits,
+        admin: AdminApi | None = None,
+        websockets: ASGIApp | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.websockets = websockets  # WebSocket sessions (realtime.RealtimeRelay)
         self.limits = limits
         self.admin = admin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            if self.websockets is not None:
+                await self.websockets(scope, receive, send)
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
             return
         headers, refusal = request_headers(scope["headers"])
@@ -169,12 +205,12 @@ class ApiApp:
             path=path,
             query=query,
             headers=headers,
-            body=AsgiBody(receive, headers, limits.max_body_bytes),
+            body=AsgiBody(receive, headers, limits.max_body_bytes, limits.max_stream_body_bytes),
             refusal=refusal,
         )
         responder = AsgiResponder(receive, send, limits.write_timeout_s)
         try:
-            await self.gateway.handle(request, responder)
+            await self.dispatcher.handle(request, responder)
         finally:
             responder.close()
 

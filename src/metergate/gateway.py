@@ -1,7 +1,7 @@
-"""One request through the gateway: authenticate, route, forward, relay, meter.
+"""The metered HTTP relay: one model call through the gateway: route, budget, forward, relay, meter.
 
-The HTTP edge (`edge.py`) hands each request here as an `InboundRequest` with a `Responder` to write to, so this
-module knows nothing of ASGI and the edge knows nothing of providers, prices or metrics.
+The dispatcher (`dispatch.py`) hands each request here, authenticated, as an `InboundRequest` with a `Responder`
+to write to, so this module knows nothing of ASGI and the edge knows nothing of providers, prices or metrics.
 
 Accounting rules enforced here:
 - a request is recorded exactly once, whatever happens (success, upstream error, bad input, disconnect);
@@ -16,253 +16,75 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from decimal import Decimal
-from itertools import count as counter
-from typing import Any, Protocol
+from collections.abc import Awaitable
+from typing import Any
 
 import aiohttp
 import orjson
-from yarl import URL
 
-from metergate.auth import KeyRing, Principal, query_without_key
+from metergate.auth import query_without_key
 from metergate.config import Config
-from metergate.endpoints import EndpointMatch, Family, match_endpoint, unknown_route
-from metergate.errors import GatewayError, bounded, error_body, stream_error_event
-from metergate.inbound import refuse_request
-from metergate.labels import OTHER, UNAUTHENTICATED, LabelPolicy
-from metergate.metrics import Meter
+from metergate.errors import GatewayError, bounded, stream_error_event
+from metergate.exchange import (
+    COST_HEADER,
+    JSON_HEADERS,
+    REQUEST_ID_HEADER,
+    InboundRequest,
+    Recorder,
+    RequestContext,
+    Responder,
+    UpstreamClients,
+    forward_headers,
+    relay_headers,
+    upstream_error_type,
+)
+from metergate.forms import is_multipart, read_form, replace_field
+from metergate.labels import LabelPolicy
 from metergate.pricing import PriceBook
 from metergate.providers import API_ADAPTERS, RequestFacts, StreamMeter, Upstream
+from metergate.providers.base import MalformedResponse
 from metergate.providers.gemini import GeminiApi, GeminiUpstream
 from metergate.routing import Route, Router
-from metergate.usage import INCOMPLETE, Usage, UsageError, UsageMissing, UsageRecord
+from metergate.usage import INCOMPLETE, Usage, UsageError, UsageMissing, UsageNotReported, UsageRecord
 
 log = logging.getLogger("metergate.gateway")
 
-# Request headers never forwarded: hop-by-hop, framing recomputed by the client library, the client's gateway
-# key (replaced by the provider credential) and encodings (the gateway must read what it relays).
-_DROP_REQUEST = frozenset(
-    {
-        "host",
-        "content-length",
-        "connection",
-        "keep-alive",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-        "accept-encoding",
-        "authorization",
-        "x-api-key",
-        "api-key",
-        "x-goog-api-key",
-    }
-)
-_DROP_RESPONSE = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "content-length",
-        "content-encoding",
-        "upgrade",
-        "trailer",
-    }
-)
-_DROP_RESPONSE_BYTES = frozenset(h.encode() for h in _DROP_RESPONSE)
-COST_HEADER = b"x-metergate-cost-usd"
-REQUEST_ID_HEADER = b"x-metergate-request-id"
-_JSON = [(b"content-type", b"application/json")]
-_ZERO = Decimal(0)
-
-
-class RequestBody(Protocol):
-    """The request body, read on demand (implemented by the HTTP edge)."""
-
-    @property
-    def finished(self) -> bool:
-        """Every byte of the body has been read (or there was none)."""
-        ...
-
-    async def read(self) -> bytes:
-        """The whole body; raises GatewayError (413 too large, 408 too slow, 499 client gone)."""
-        ...
-
-
-@dataclass(slots=True)
-class InboundRequest:
-    method: str
-    path: str  # exactly as sent: never percent-decoded, so the provider receives what was classified
-    query: str  # exactly as sent
-    headers: dict[str, str]  # lower-case names
-    body: RequestBody
-    refusal: GatewayError | None = None  # what the edge found wrong with the headers
-
-
-class Responder(Protocol):
-    """Where the gateway writes the response; implemented by the HTTP edge."""
-
-    @property
-    def disconnected(self) -> bool: ...
-
-    @property
-    def started(self) -> bool:
-        """The response's status line is out; an error can no longer be a status code."""
-        ...
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
-
-    async def send(self, body: bytes, more: bool = False) -> None: ...
-
-
-class Admission(Protocol):
-    """Budget enforcement: reserve a worst-case cost before forwarding, settle it with the real cost after."""
-
-    async def reserve(self, ctx: RequestContext) -> object | None: ...
-
-    def settle(self, reservation: object | None, record: UsageRecord) -> None: ...
-
-
-RecordSink = Callable[[UsageRecord], None]
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """What is known about a request so far; filled in as it moves through the gateway."""
-
-    request_id: str
-    started: float  # perf_counter
-    started_at: float  # unix time
-    match: EndpointMatch
-    principal: Principal | None = None
-    facts: RequestFacts | None = None
-    route: Route | None = None
-    model_label: str = OTHER
-    provider_label: str = OTHER
-    body: dict[str, Any] | None = None
-    raw_body: bytes | None = None
-    upstream_body: bytes | None = None  # set when the body sent upstream differs from the client's
-    request_body: RequestBody | None = None
-    ttft: float | None = None
-    reservation: object | None = None
-    sent_upstream: bool = False  # the provider may have billed something from here on
-    stream_meter: StreamMeter | None = None
-    emitted: bool = False
-
-    @property
-    def family(self) -> Family:
-        return self.match.endpoint.family
-
 
 class Gateway:
+    """The handler for `relay` routes: the calls whose usage and cost the gateway meters as they pass."""
+
     def __init__(
         self,
         config: Config,
-        keys: KeyRing,
         prices: PriceBook,
         labels: LabelPolicy,
-        upstreams: dict[str, Upstream],
-        meter: Meter,
-        sinks: list[RecordSink] | None = None,
-        admission: Admission | None = None,
-        clock: Callable[[], float] = time.time,
+        router: Router,
+        clients: UpstreamClients,
+        recorder: Recorder,
     ) -> None:
         self.config = config
-        self.keys = keys
         self.prices = prices
         self.labels = labels
-        self.upstreams = upstreams
-        self.router = Router(config.routes, upstreams)
-        self.meter = meter
-        self.sinks = sinks or []
-        self.admission = admission
-        self.clock = clock  # wall time; corrected to the shared ledger's clock when replicas share one
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._ids = counter(1)
-        self._id_prefix = os.urandom(4).hex()
+        self.router = router
+        self.upstreams = clients.upstreams
+        self.clients = clients
+        self.recorder = recorder
         self._background: set[asyncio.Task[None]] = set()
         self._models_body: bytes | None = None
-        self.in_flight = 0
-
-    # --- lifecycle -------------------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        server = self.config.server
-        for name, upstream in self.upstreams.items():
-            connector = aiohttp.TCPConnector(
-                limit=upstream.config.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
-            )
-            self._sessions[name] = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=True,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=upstream.config.connect_timeout_s or server.connect_timeout_s,
-                    sock_read=upstream.config.timeout_s or server.upstream_timeout_s,
-                ),
-                skip_auto_headers=("User-Agent",),
-            )
 
     async def close(self) -> None:
-        """Wait for post-response work (token counts), then close upstream connections."""
+        """Wait for post-response work (token counts)."""
         if self._background:
             await asyncio.wait(self._background, timeout=self.config.server.shutdown_timeout_s or None)
-        for session in self._sessions.values():
-            await session.close()
 
     # --- one request -----------------------------------------------------------------------------------------
 
-    async def handle(self, req: InboundRequest, out: Responder) -> None:
-        match = match_endpoint(req.method, req.path) or unknown_route(req.path)
-        ctx = RequestContext(
-            request_id=f"{self._id_prefix}-{next(self._ids)}",
-            started=time.perf_counter(),
-            started_at=self.clock(),
-            match=match,
-        )
-        self.in_flight += 1
-        try:
-            await self._handle(req, out, ctx)
-        except asyncio.CancelledError:
-            # Shutdown gave up waiting for this request: record what is known before the task ends.
-            self._emit_unfinished(ctx, 499, "cancelled")
-            raise
-        except Exception:
-            log.exception("request %s failed inside the gateway", ctx.request_id)
-            self._emit_unfinished(ctx, 500, "gateway_error")
-            if not out.started:
-                with contextlib.suppress(Exception):
-                    err = GatewayError(500, "gateway_error", "metergate failed on this request.")
-                    await self._send_error(out, ctx, err)
-        finally:
-            self.in_flight -= 1
-
-    async def _handle(self, req: InboundRequest, out: Responder, ctx: RequestContext) -> None:
+    async def handle(self, req: InboundRequest, out: Responder, ctx: RequestContext) -> None:
         endpoint = ctx.match.endpoint
-        ctx.request_body = req.body
-        ctx.principal = self.keys.authenticate(req.headers, req.query)
-        if ctx.principal is None:
-            err = GatewayError(
-                401, "unauthorized", "Invalid or missing API key: use a key issued by the metergate gateway."
-            )
-            await self._fail(out, ctx, err)
-            return
+        recorder = self.recorder
         try:
-            # A path that matched a fixed route is one of the gateway's own: only headers remain to check.
-            refusal = req.refusal or refuse_request(req.path, req.headers, checked_path=ctx.match.static)
-            if refusal is not None:
-                raise refusal
-            if endpoint.operation == "unknown":
-                raise GatewayError(404, "unknown_route", f"Unknown route: {req.method} {bounded(req.path)}")
             if endpoint.operation in ("models", "model"):
                 await self._list_models(out, ctx, ctx.match.path_model)
                 return
@@ -274,27 +96,34 @@ class Gateway:
                 raise GatewayError(
                     415, "unsupported_encoding", "metergate reads the request body: send it uncompressed."
                 )
-            ctx.body = _json_object(ctx.raw_body)
+            fields = adapter.form_fields(endpoint)
+            content_type = req.headers.get("content-type", "")
+            if fields is not None and is_multipart(content_type):
+                ctx.form = read_form(content_type, ctx.raw_body, fields)
+                ctx.body = dict(ctx.form.fields)
+            else:
+                ctx.body = _json_object(ctx.raw_body)
             ctx.facts = facts = adapter.request_facts(endpoint, ctx.body, ctx.match.path_model)
-            ctx.route = route = self._route(ctx, facts.model)
+            ctx.route = route = self.router.require(facts.model, ctx.match)
             ctx.upstream_body = self._upstream_body(ctx, route, facts)
             if endpoint.operation not in ("embed", "batch_embed"):
                 ctx.body = None  # the parsed tree can be many times the body's size: keep it no longer than needed
         except GatewayError as err:
-            await self._fail(out, ctx, err)
+            await recorder.fail(out, ctx, err)
             return
         upstream = route.upstream
         principal = ctx.principal
+        assert principal is not None
         ctx.provider_label = upstream.name
         # Azure deployments are labelled with the model they run, like every other provider's traffic.
         ctx.model_label = self.labels.model(
             upstream.name, upstream.config.pricing_provider_id, upstream.pricing_model(route.upstream_model)
         )
-        if self.admission is not None:
+        if recorder.admission is not None:
             try:
-                ctx.reservation = await self.admission.reserve(ctx)
+                ctx.reservation = await recorder.admission.reserve(ctx)
             except GatewayError as err:
-                await self._fail(out, ctx, err)
+                await recorder.fail(out, ctx, err)
                 return
         flight = (
             self.labels.team(principal.team),
@@ -302,22 +131,11 @@ class Gateway:
             endpoint.label,
             upstream.name,
         )
-        self.meter.request_started(*flight)
+        recorder.meter.request_started(*flight)
         try:
             await self._forward(req, out, ctx, upstream, route, facts)
         finally:
-            self.meter.request_finished(*flight)
-
-    def _route(self, ctx: RequestContext, model: str) -> Route:
-        route = self.router.resolve(model, ctx.match)
-        if route is None:
-            raise GatewayError(
-                404,
-                "unknown_model",
-                f"The model `{model}` does not exist or is not routed by this gateway.",
-                code="model_not_found",
-            )
-        return route
+            recorder.meter.request_finished(*flight)
 
     # --- forwarding ------------------------------------------------------------------------------------------
 
@@ -326,6 +144,12 @@ class Gateway:
         assert ctx.body is not None
         wire_model = route.upstream.wire_model(route.upstream_model)
         new_model = wire_model if wire_model != facts.model else None
+        if ctx.form is not None:
+            # Multipart: only the model field's bytes change, the rest (files, boundaries) goes out as sent.
+            if new_model is None or "model" not in ctx.form.spans or ctx.match.path_model is not None:
+                return None
+            assert ctx.raw_body is not None
+            return replace_field(ctx.raw_body, ctx.form, "model", new_model)
         if new_model is None and not facts.inject_stream_usage:
             return None
         try:
@@ -347,56 +171,18 @@ class Gateway:
     ) -> UsageRecord:
         endpoint = ctx.match.endpoint
         body = ctx.upstream_body if ctx.upstream_body is not None else ctx.raw_body
-        # Path and query go out byte for byte (encoded=True): re-encoding could change what the provider reads.
-        url = URL(upstream.url(ctx.match, req.path, query_without_key(req.query), route.upstream_model), encoded=True)
-        headers = [
-            (k, v) for k, v in req.headers.items() if k not in _DROP_REQUEST and not k.startswith("x-metergate-")
-        ]
-        headers.append(("accept-encoding", "identity"))
-        headers.extend(upstream.auth_headers().items())
-        session = self._sessions[upstream.name]
+        url = upstream.url(ctx.match, req.path, query_without_key(req.query), route.upstream_model)
         ctx.sent_upstream = True
         try:
-            # Never follow a redirect: it would carry the provider credential to whatever host the 3xx names.
-            response = await session.request(req.method, url, data=body, headers=headers, allow_redirects=False)
-        except TimeoutError:
-            return await self._fail(out, ctx, GatewayError(504, "upstream_timeout", "The upstream provider timed out."))
-        except aiohttp.ClientConnectorError as exc:
-            return await self._fail(
-                out,
-                ctx,
-                GatewayError(
-                    502,
-                    "upstream_unreachable",
-                    f"The upstream provider is unreachable: {exc.strerror or exc}",
-                ),
-            )
-        except (aiohttp.ClientError, OSError) as exc:
-            return await self._fail(
-                out,
-                ctx,
-                GatewayError(502, "upstream_reset", f"The upstream connection failed: {type(exc).__name__}"),
-            )
-        if 300 <= response.status < 400 and "location" in response.headers:
-            response.release()
-            return await self._fail(
-                out,
-                ctx,
-                GatewayError(
-                    502,
-                    "upstream_redirect",
-                    f"The upstream provider answered {response.status} with a redirect, which the gateway does not "
-                    "follow.",
-                ),
-            )
+            response = await self.clients.send(upstream, req.method, url, forward_headers(req.headers, upstream), body)
+        except GatewayError as err:
+            return await self.recorder.fail(out, ctx, err)
         async with response:
             content_type = response.headers.get("content-type", "")
-            streamed = response.status < 400 and (
-                "text/event-stream" in content_type or endpoint.operation == "stream_generate"
-            )
-            if streamed:
+            adapter = API_ADAPTERS[ctx.family]
+            if response.status < 400 and adapter.streams(endpoint, content_type):
                 sse = "text/event-stream" in content_type
-                meter = ctx.stream_meter = API_ADAPTERS[ctx.family].stream_meter(endpoint, facts, sse)
+                meter = ctx.stream_meter = adapter.stream_meter(endpoint, facts, sse)
                 return await self._relay_stream(out, ctx, response, meter)
             return await self._relay_body(out, ctx, response)
 
@@ -405,9 +191,11 @@ class Gateway:
         try:
             data = await response.read()
         except TimeoutError:
-            return await self._fail(out, ctx, GatewayError(504, "upstream_timeout", "The upstream provider timed out."))
+            return await self.recorder.fail(
+                out, ctx, GatewayError(504, "upstream_timeout", "The upstream provider timed out.")
+            )
         except (aiohttp.ClientError, OSError) as exc:
-            return await self._fail(
+            return await self.recorder.fail(
                 out,
                 ctx,
                 GatewayError(502, "upstream_reset", f"The upstream connection failed: {type(exc).__name__}"),
@@ -415,29 +203,25 @@ class Gateway:
         status = response.status
         usage = Usage()
         error_type = None
-        count_later = False
+        count_later = not_reported = False
         if status >= 400:
-            error_type = _upstream_error_type(status)
+            error_type = upstream_error_type(status)
         elif endpoint.billed:
+            content_type = response.headers.get("content-type", "")
             try:
-                parsed = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                return await self._fail(
-                    out,
-                    ctx,
-                    GatewayError(
-                        502,
-                        "upstream_malformed",
-                        "The upstream provider returned a response that is not JSON.",
-                    ),
-                )
-            try:
-                usage = API_ADAPTERS[ctx.family].usage_from_body(endpoint, parsed, ctx.facts)
+                usage = API_ADAPTERS[ctx.family].usage_from_response(endpoint, data, content_type, ctx.facts)
+            except UsageNotReported as exc:
+                # A response of a kind that never reports usage (a plain-text transcription): relayed as it is,
+                # recorded as unmetered so it shows and alerts.
+                not_reported = True
+                log.info("request %s: %s", ctx.request_id, exc)
+            except MalformedResponse as exc:
+                return await self.recorder.fail(out, ctx, GatewayError(502, "upstream_malformed", str(exc)))
             except UsageError as exc:
                 if ctx.family == "gemini" and endpoint.operation in ("embed", "batch_embed"):
                     count_later = True
                 else:
-                    return await self._fail(
+                    return await self.recorder.fail(
                         out,
                         ctx,
                         GatewayError(
@@ -446,8 +230,9 @@ class Gateway:
                             f"The upstream provider's usage could not be metered: {exc}",
                         ),
                     )
-        record = self._record(ctx, status, usage, error_type, stream=False)
-        headers = _relay_headers(response)
+        record = self.recorder.record(ctx, status, usage, error_type, stream=False)
+        record.metered = not not_reported
+        headers = relay_headers(response)
         headers.append((REQUEST_ID_HEADER, ctx.request_id.encode()))
         if not count_later:
             headers.append((COST_HEADER, format(record.cost_usd, "f").encode()))
@@ -460,13 +245,13 @@ class Gateway:
             self._spawn(self._count_then_record(ctx, record))
             return record
         record.latency_s = time.perf_counter() - ctx.started
-        self._emit(record, ctx)
+        self.recorder.emit(record, ctx)
         return record
 
     async def _relay_stream(
         self, out: Responder, ctx: RequestContext, response: aiohttp.ClientResponse, meter: StreamMeter
     ) -> UsageRecord:
-        await out.start(response.status, [*_relay_headers(response), (REQUEST_ID_HEADER, ctx.request_id.encode())])
+        await out.start(response.status, [*relay_headers(response), (REQUEST_ID_HEADER, ctx.request_id.encode())])
         error_type: str | None = None
         error_message = ""
         content = response.content
@@ -530,11 +315,11 @@ class Gateway:
             if tail:
                 await out.send(tail, more=True)
             await out.send(b"")
-        record = self._record(ctx, code, usage, error_type, stream=True)
+        record = self.recorder.record(ctx, code, usage, error_type, stream=True)
         record.metered = metered
         record.latency_s = time.perf_counter() - ctx.started
         record.ttft_s = ctx.ttft
-        self._emit(record, ctx)
+        self.recorder.emit(record, ctx)
         return record
 
     async def _count_then_record(self, ctx: RequestContext, record: UsageRecord) -> None:
@@ -547,7 +332,7 @@ class Gateway:
             version = ctx.match.endpoint.label.split("/")[1]
             url = upstream.count_tokens_url(ctx.route.upstream_model, version)
             try:
-                async with self._sessions[upstream.name].post(
+                async with self.clients.session(upstream).post(
                     url, json=body, headers=upstream.auth_headers(), allow_redirects=False
                 ) as resp:
                     if resp.status == 200:
@@ -558,102 +343,9 @@ class Gateway:
             record.metered = False
             record.error_type = record.error_type or "usage_missing"
         else:
-            self._price_into(record, ctx, usage)
+            self.recorder.price_into(record, ctx, usage)
         record.latency_s = time.perf_counter() - ctx.started
-        self._emit(record, ctx)
-
-    # --- recording -------------------------------------------------------------------------------------------
-
-    def _record(
-        self, ctx: RequestContext, code: int, usage: Usage, error_type: str | None, stream: bool
-    ) -> UsageRecord:
-        principal = ctx.principal
-        team = self.labels.team(principal.team) if principal else UNAUTHENTICATED
-        app = self.labels.app(principal.app) if principal else UNAUTHENTICATED
-        route = ctx.route
-        record = UsageRecord(
-            request_id=ctx.request_id,
-            started_at=ctx.started_at,
-            team=team,
-            app=app,
-            key_id=principal.key_id if principal else "",
-            provider=ctx.provider_label,
-            model=ctx.model_label,
-            upstream_model=route.upstream_model if route else (ctx.facts.model if ctx.facts else ""),
-            endpoint=ctx.match.endpoint.label,
-            code=code,
-            stream=stream,
-            error_type=error_type,
-        )
-        self._price_into(record, ctx, usage)
-        return record
-
-    def _price_into(self, record: UsageRecord, ctx: RequestContext, usage: Usage) -> None:
-        record.usage = usage
-        route = ctx.route
-        if route is None or usage.is_empty():
-            record.set_cost(_ZERO)
-            return
-        upstream = route.upstream
-        quote = self.prices.quote(
-            upstream.name,
-            upstream.config.pricing_provider_id,
-            upstream.pricing_model(route.upstream_model),
-            _served_from(usage, upstream),
-            datetime.fromtimestamp(ctx.started_at, UTC),
-        )
-        record.set_cost(quote.usd, quote.complete, quote.notes)
-
-    def _emit(self, record: UsageRecord, ctx: RequestContext) -> None:
-        """Count a finished request everywhere it must be counted, exactly once."""
-        if ctx.emitted:
-            return
-        ctx.emitted = True
-        self.meter.record(record)
-        if self.admission is not None:
-            self.admission.settle(ctx.reservation, record)
-        if ctx.principal is None:
-            # No key, nothing sent upstream, nobody to bill: counted in the metrics, never a ledger row (a flood of
-            # them would otherwise fill the database, or the spool during an outage, at no cost to the sender).
-            return
-        for sink in self.sinks:
-            try:
-                sink(record)
-            except Exception:  # a broken sink must not lose the record for the others
-                log.exception("record sink failed for request %s", record.request_id)
-
-    async def _fail(self, out: Responder, ctx: RequestContext, err: GatewayError) -> UsageRecord:
-        record = self._record(ctx, err.status, Usage(), err.error_type, stream=bool(ctx.facts and ctx.facts.stream))
-        # Once the request went out, the provider may have billed work whose usage never reached us.
-        record.metered = not ctx.sent_upstream
-        record.latency_s = time.perf_counter() - ctx.started
-        self._emit(record, ctx)  # before writing: a client gone mid-write must not lose the record
-        await self._send_error(out, ctx, err)
-        return record
-
-    def _emit_unfinished(self, ctx: RequestContext, code: int, error_type: str) -> None:
-        """Record a request the gateway could not finish, with whatever usage the provider reported so far."""
-        if ctx.emitted:
-            return
-        usage = Usage()
-        if ctx.stream_meter is not None:
-            with contextlib.suppress(UsageError):
-                usage = ctx.stream_meter.usage()
-        record = self._record(ctx, code, usage, error_type, stream=bool(ctx.facts and ctx.facts.stream))
-        # Unfinished after the request went out: the provider's final bill is unknown.
-        record.metered = not ctx.sent_upstream
-        record.latency_s = time.perf_counter() - ctx.started
-        record.ttft_s = ctx.ttft
-        self._emit(record, ctx)
-
-    async def _send_error(self, out: Responder, ctx: RequestContext, err: GatewayError) -> None:
-        headers = [*_JSON, *((k.encode(), v.encode()) for k, v in err.headers.items())]
-        headers.append((REQUEST_ID_HEADER, ctx.request_id.encode()))
-        if ctx.request_body is not None and not ctx.request_body.finished:
-            # Answered without reading the body: closing beats reading the rest of an unwanted upload.
-            headers.append((b"connection", b"close"))
-        await out.start(err.status, headers)
-        await out.send(error_body(ctx.family, err))
+        self.recorder.emit(record, ctx)
 
     async def _list_models(self, out: Responder, ctx: RequestContext, model_id: str | None) -> None:
         """The model list, or one model of it (OpenAI's models.retrieve)."""
@@ -666,20 +358,22 @@ class Gateway:
                 err = GatewayError(
                     404, "unknown_model", f"The model `{model_id}` is not served here.", code="model_not_found"
                 )
-                await self._fail(out, ctx, err)
+                await self.recorder.fail(out, ctx, err)
                 return
             body = orjson.dumps(found)
-        await out.start(200, [*_JSON, (REQUEST_ID_HEADER, ctx.request_id.encode())])
+        await out.start(200, [*JSON_HEADERS, (REQUEST_ID_HEADER, ctx.request_id.encode())])
         await out.send(body)
-        record = self._record(ctx, 200, Usage(), None, stream=False)
+        record = self.recorder.record(ctx, 200, Usage(), None, stream=False)
         record.latency_s = time.perf_counter() - ctx.started
-        self._emit(record, ctx)
+        self.recorder.emit(record, ctx)
 
     def _build_models_body(self) -> bytes:
         seen: dict[str, str] = {}
         for route in self.config.routes:
-            if not route.is_glob:
-                seen.setdefault(route.model, route.provider)
+            if route.named_model is not None:
+                seen.setdefault(route.named_model, route.provider)
+                continue
+            if route.model is None:
                 continue
             upstream = self.upstreams[route.provider]
             if upstream.family != "openai":
@@ -737,25 +431,3 @@ def _refuse_repeated_keys(body: bytes) -> None:
     # orjson accepted the body: a difference in what the two parsers allow is not about repeated keys.
     with contextlib.suppress(ValueError, RecursionError):
         json.loads(body, object_pairs_hook=pairs)
-
-
-def _relay_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-    # The raw bytes as the provider sent them: decoding and re-encoding could fail on a non-Latin-1 value.
-    return [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in _DROP_RESPONSE_BYTES]
-
-
-def _served_from(usage: Usage, upstream: Upstream) -> Usage:
-    """The usage with the serving region the upstream implies, when the response cannot say it (OpenAI data
-    residency endpoints: us., eu., ae.api.openai.com)."""
-    region = upstream.region
-    if region is None or usage.region is not None:
-        return usage
-    return replace(
-        usage, region=region, parts=tuple(replace(p, usage=replace(p.usage, region=region)) for p in usage.parts)
-    )
-
-
-def _upstream_error_type(status: int) -> str:
-    if status == 429:
-        return "upstream_rate_limited"
-    return "upstream_client_error" if status < 500 else "upstream_server_error"

@@ -7,6 +7,7 @@ Every label value comes from the config or from a finite catalogue; anything a c
 from __future__ import annotations
 
 from metergate.config import RESERVED_LABELS, Config
+from metergate.price_table import table_model
 from metergate.pricing import PriceBook
 
 OTHER = "other"
@@ -22,8 +23,8 @@ class LabelPolicy:
         self._prices = prices
         named: set[str] = set()
         for route in config.routes:
-            if not route.is_glob:
-                named.add(route.model)
+            if route.named_model is not None:
+                named.add(route.named_model)
             if route.upstream_model:
                 named.add(route.upstream_model)
         for price in config.prices:
@@ -55,7 +56,8 @@ class LabelPolicy:
                 label = model
             else:
                 entry = self._prices.lookup(pricing_provider, model)
-                label = entry.model.id if entry is not None else OTHER
+                # Models only the unit price table knows (DALL-E, Imagen) go by the table's bounded names.
+                label = entry.model.id if entry is not None else table_model(pricing_provider, model) or OTHER
             if len(self._models) >= _MAX_CACHED_MODELS:
                 self._models.clear()
             self._models[key] = label

@@ -151,6 +151,8 @@ class Meter(Collector):
             self._errors[error_key] = self._errors.get(error_key, 0) + 1
         if usage.units:
             for unit, n in usage.units.items():
+                # `image/1024x1024/hd` is counted as `image`: the size and quality stay in the ledger.
+                unit = unit.split("/", 1)[0]
                 if n and unit in UNITS:
                     unit_key = (*key, unit)
                     self._units[unit_key] = self._units.get(unit_key, 0) + n

@@ -16,6 +16,13 @@ Sources (checked 2026-11, research notes kept with issue 9):
   5, 2026" (gpt-5.4 and later).
 - Gemini flex inference, ai.google.dev/gemini-api/docs/flex-inference: "a 50% cost reduction compared to standard
   rates". Batch mode (all three providers): 50% of the standard rates, where genai-prices has no batch variant.
+
+Per-image prices of models genai-prices does not list (checked 2026-11, research notes kept with issue 10):
+- DALL-E (openai.com/api/pricing as of 2023-11-06, the prices in force until the models were retired on
+  2026-05-12): dall-e-2 256x256 $0.016, 512x512 $0.018, 1024x1024 $0.020 per image; dall-e-3 standard 1024x1024
+  $0.040, 1024x1792 and 1792x1024 $0.080; hd 1024x1024 $0.080, 1024x1792 and 1792x1024 $0.120.
+- Imagen on the Gemini API (ai.google.dev/gemini-api/docs/pricing, "Imagen 4"): Fast $0.02, Standard $0.04,
+  Ultra $0.06 per image; Imagen 3 $0.03 per image.
 """
 
 from __future__ import annotations
@@ -45,6 +52,39 @@ UNIT_PRICES: tuple[UnitPrice, ...] = (
         "openai", "*", "code_interpreter_session", Decimal("0.03"), date(2025, 5, 21), "OpenAI pricing: containers"
     ),
 )
+
+_DALLE = "OpenAI pricing (2023-11-06): DALL-E"
+_IMAGEN = "Gemini API pricing: Imagen"
+_DALLE_SINCE = date(2023, 11, 6)
+# Models priced only by this table (per image): the `image/<size>/<quality>` unit of a DALL-E request.
+UNIT_PRICES += (
+    UnitPrice("openai", "dall-e-2*", "image/256x256/standard", Decimal("0.016"), _DALLE_SINCE, _DALLE),
+    UnitPrice("openai", "dall-e-2*", "image/512x512/standard", Decimal("0.018"), _DALLE_SINCE, _DALLE),
+    UnitPrice("openai", "dall-e-2*", "image/1024x1024/standard", Decimal("0.020"), _DALLE_SINCE, _DALLE),
+    UnitPrice("openai", "dall-e-3*", "image/1024x1024/standard", Decimal("0.040"), _DALLE_SINCE, _DALLE),
+    UnitPrice("openai", "dall-e-3*", "image/1024x1792/standard", Decimal("0.080"), _DALLE_SINCE, _DALLE),
+    UnitPrice("openai", "dall-e-3*", "image/1792x1024/standard", Decimal("0.080"), _DALLE_SINCE, _DALLE),
+    UnitPrice("openai", "dall-e-3*", "image/1024x1024/hd", Decimal("0.080"), _DALLE_SINCE, _DALLE),
+    UnitPrice("openai", "dall-e-3*", "image/1024x1792/hd", Decimal("0.120"), _DALLE_SINCE, _DALLE),
+    UnitPrice("openai", "dall-e-3*", "image/1792x1024/hd", Decimal("0.120"), _DALLE_SINCE, _DALLE),
+    UnitPrice("google", "imagen-4.0-fast-generate*", "image", Decimal("0.02"), date(2025, 6, 24), _IMAGEN),
+    UnitPrice("google", "imagen-4.0-generate*", "image", Decimal("0.04"), date(2025, 6, 24), _IMAGEN),
+    UnitPrice("google", "imagen-4.0-ultra-generate*", "image", Decimal("0.06"), date(2025, 6, 24), _IMAGEN),
+    UnitPrice("google", "imagen-3.0-generate*", "image", Decimal("0.03"), date(2025, 2, 6), _IMAGEN),
+)
+# Model-name globs the table alone prices (genai-prices has no entry for them).
+TABLE_MODELS: tuple[tuple[str, str], ...] = tuple(
+    dict.fromkeys((u.pricing_provider, u.model) for u in UNIT_PRICES if u.model != "*")
+)
+
+
+def table_model(pricing_provider: str | None, model: str) -> str | None:
+    """The table's name for a model it prices on its own (billed per unit, not per token), or None. The name is
+    the glob without its wildcard, so any number of client-chosen suffixes share one metric label."""
+    for provider, glob in TABLE_MODELS:
+        if provider == pricing_provider and fnmatchcase(model, glob):
+            return glob.rstrip("*")
+    return None
 
 
 def unit_price(pricing_provider: str | None, model: str, unit: str, at: datetime) -> UnitPrice | None:

@@ -33,6 +33,7 @@ from metergate.price_table import (
     Uplift,
     anthropic_fast_price,
     regional_uplift,
+    table_model,
     tier_multiplier,
     unit_price,
 )
@@ -206,6 +207,22 @@ class Quote:
 _UNPRICED = Quote(Decimal(0), False)
 
 
+def _table_quote(pricing_provider: str | None, model: str, usage: Usage, at: datetime) -> Quote:
+    """A model billed per unit only (DALL-E, Imagen): each unit at the table's price; tokens have no price."""
+    cost, complete, notes = Decimal(0), usage.input_tokens == 0 and usage.output_tokens == 0, ["unit table"]
+    for unit, n in (usage.units or {}).items():
+        entry = unit_price(pricing_provider, model, unit, at)
+        if entry is None:
+            complete = False
+            notes.append(f"unpriced:{unit}")
+        else:
+            cost += entry.usd * n
+    factor = BATCH.factor if usage.batch else Decimal(1)
+    if usage.batch:
+        notes.append(BATCH.note)
+    return Quote(cost * factor, complete, tuple(notes))
+
+
 @dataclass(frozen=True, slots=True)
 class _Card:
     card: RateCard
@@ -254,14 +271,18 @@ class PriceBook:
             for override in self._overrides:
                 if override.matches(provider_name, model):
                     price = override_price(override)
-                    units = {u: Decimal(str(v)) for u, v in override.units.items()}
+                    units = {u: Decimal(str(v)) for u, v in override.unit_prices().items()}
                     card = _Card(RateCard(price), price, units)
                     break
             self._override_cards[key] = card
         return self._override_cards[key]
 
     def is_priced(self, provider_name: str, pricing_provider: str | None, model: str) -> bool:
-        return self.override_card(provider_name, model) is not None or self.lookup(pricing_provider, model) is not None
+        return (
+            self.override_card(provider_name, model) is not None
+            or self.lookup(pricing_provider, model) is not None
+            or table_model(pricing_provider, model) is not None
+        )
 
     # --- prices ----------------------------------------------------------------------------------------------
 
@@ -308,6 +329,8 @@ class PriceBook:
         else:
             entry = self.lookup(pricing_provider, model)
             if entry is None:
+                if table_model(pricing_provider, model) is not None:
+                    return _table_quote(pricing_provider, model, usage, at)
                 self._warn_unpriced(provider_name, model)
                 return _UNPRICED
             resolved = self._resolve(entry, usage, at, notes)
@@ -326,8 +349,9 @@ class PriceBook:
         if uplift is not None:
             cost *= uplift.factor
         for unit, n in (usage.units or {}).items():
-            if unit in unit_overrides:
-                cost += unit_overrides[unit] * n
+            base = unit.split("/", 1)[0]  # `image/1024x1024/hd` falls back to a flat `image` price
+            if unit in unit_overrides or base in unit_overrides:
+                cost += unit_overrides.get(unit, unit_overrides.get(base, Decimal(0))) * n
             elif prices_unit(model_price, unit):
                 cost += card.unit_rate(unit, region) * n
             else:

@@ -21,16 +21,23 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from metergate.admin import AdminApi
 from metergate.auth import KeyRing, Principal
+from metergate.batches import BatchMeter, LedgerBatchStore, MemoryBatchStore, batch_taps
 from metergate.budgets import BudgetGuard
 from metergate.config import Config, ConfigError, ServerConfig, parse_hostport
 from metergate.connections import ConnectionLimits, ConnectionStats, guarded_protocol, raise_open_file_limit
+from metergate.dispatch import Dispatcher
 from metergate.edge import ApiApp, EdgeLimits, MetricsApp
+from metergate.exchange import Recorder, UpstreamClients
 from metergate.gateway import Gateway
 from metergate.labels import LabelPolicy
 from metergate.ledger import Ledger, LedgerError
 from metergate.metrics import Meter
+from metergate.passthrough import Passthrough
 from metergate.pricing import PriceBook
 from metergate.providers import build_upstream
+from metergate.realtime import MAX_FRAME_BYTES, RealtimeRelay
+from metergate.rewrite import UploadSessions, url_taps
+from metergate.routing import Router
 
 log = logging.getLogger("metergate")
 
@@ -50,13 +57,14 @@ class Runtime:
     """Everything a running gateway is made of."""
 
     config: Config
-    gateway: Gateway
+    dispatcher: Dispatcher
     meter: Meter
     guard: BudgetGuard
     ledger: Ledger | None = None
     admin: AdminApi | None = None
     # Started in order before the listeners, stopped in reverse after them (the ledger flushes last).
     services: list[Service] = field(default_factory=list)
+    realtime: RealtimeRelay | None = None
 
 
 class _LedgerService(Service):
@@ -79,6 +87,31 @@ class _GuardService(Service):
 
     async def stop(self) -> None:
         await self.guard.stop()
+
+
+class _ClientsService(Service):
+    """The upstream connection pools: opened last, closed first (after post-response work finished)."""
+
+    def __init__(self, clients: UpstreamClients, relay: Gateway) -> None:
+        self.clients, self.relay = clients, relay
+
+    async def start(self) -> None:
+        await self.clients.start()
+
+    async def stop(self) -> None:
+        await self.relay.close()
+        await self.clients.close()
+
+
+class _BatchesService(Service):
+    def __init__(self, batches: BatchMeter) -> None:
+        self.batches = batches
+
+    async def start(self) -> None:
+        await self.batches.start()
+
+    async def stop(self) -> None:
+        await self.batches.stop()
 
 
 class KeySync(Service):
@@ -122,16 +155,30 @@ def build_runtime(config: Config) -> Runtime:
     ledger = Ledger(config.ledger) if config.ledger is not None else None
     guard = BudgetGuard(config, prices, ledger)
     keys = KeyRing(config)
-    gateway = Gateway(
-        config,
+    recorder = Recorder(labels, prices, meter, sinks=[ledger.sink] if ledger is not None else [], admission=guard)
+    clients = UpstreamClients(config, upstreams)
+    router = Router(config.routes, upstreams)
+    relay = Gateway(config, prices, labels, router, clients, recorder)
+    uploads = UploadSessions()
+    batch_store = LedgerBatchStore(ledger) if ledger is not None else MemoryBatchStore()
+    batches = BatchMeter(
+        recorder, labels, clients, upstreams, batch_store, config.batches.poll_interval_s, guard.clock.time
+    )
+    taps = {**url_taps(uploads), **batch_taps(batches)}
+    forwarder = Passthrough(config, labels, router, clients, recorder, taps=taps)
+    dispatcher = Dispatcher(
         keys,
-        prices,
-        labels,
-        upstreams,
-        meter,
-        sinks=[ledger.sink] if ledger is not None else [],
-        admission=guard,
+        recorder,
+        {
+            "relay": relay,
+            "free": forwarder,
+            "deferred": forwarder,
+            "unmetered": forwarder,
+            "refuse": forwarder,
+            "realtime": forwarder,
+        },
         clock=guard.clock.time,
+        sessions=uploads.authenticate,
     )
     meter.add_collector(guard.collect)
     services: list[Service] = []
@@ -139,6 +186,8 @@ def build_runtime(config: Config) -> Runtime:
         meter.add_collector(ledger.collect)
         services.append(_LedgerService(ledger, config.server.shutdown_timeout_s or 30.0))
     services.append(_GuardService(guard))
+    services.append(_ClientsService(clients, relay))
+    services.append(_BatchesService(batches))
 
     def key_changed(sha256: str, principal: Principal | None) -> None:
         if principal is None:
@@ -150,7 +199,10 @@ def build_runtime(config: Config) -> Runtime:
     if ledger is not None:
         services.append(KeySync(ledger, keys, labels))
     admin = AdminApi(guard, ledger, key_changed)
-    return Runtime(config, gateway, meter, guard, ledger, admin, services)
+    realtime = RealtimeRelay(
+        config, keys, labels, router, clients, recorder, guard, dispatcher.next_id, guard.clock.time
+    )
+    return Runtime(config, dispatcher, meter, guard, ledger, admin, services, realtime)
 
 
 class SignalFreeServer(uvicorn.Server):
@@ -200,6 +252,8 @@ def _uvicorn_config(
         timeout_graceful_shutdown=math.ceil(graceful_s),
         timeout_keep_alive=math.ceil(keepalive_s),
         backlog=4096,
+        ws="websockets",
+        ws_max_size=MAX_FRAME_BYTES,
     )
 
 
@@ -264,10 +318,14 @@ async def serve(
     # The metrics listener serves one scraper or a few: a small share of the cap is plenty.
     metrics_protocol, metrics_stats = guarded_protocol(connection_limits(server, 1 / 16))
     runtime.meter.add_collector(_connection_metrics({"api": api_stats, "metrics": metrics_stats}))
-    edge = EdgeLimits(max_body_bytes=server.max_body_bytes, write_timeout_s=server.write_timeout_s)
+    edge = EdgeLimits(
+        max_body_bytes=server.max_body_bytes,
+        max_stream_body_bytes=server.max_stream_body_bytes,
+        write_timeout_s=server.write_timeout_s,
+    )
     api = SignalFreeServer(
         _uvicorn_config(
-            ApiApp(runtime.gateway, edge, runtime.admin),
+            ApiApp(runtime.dispatcher, edge, runtime.admin, runtime.realtime),
             server.listen,
             server.shutdown_timeout_s,
             api_protocol,
@@ -285,7 +343,6 @@ async def serve(
     )
     for service in runtime.services:
         await service.start()
-    await runtime.gateway.start()
     metrics_task = asyncio.create_task(metrics.serve(sockets=[metrics_socket]))
     api_task = asyncio.create_task(api.serve(sockets=[api_socket]))
     while not (api.started and metrics.started):
@@ -305,10 +362,9 @@ async def serve(
     stop_wait = asyncio.create_task(stop.wait())
     await asyncio.wait({stop_wait, api_task}, return_when=asyncio.FIRST_COMPLETED)
     draining = True
-    log.info("metergate shutting down: draining %d in-flight requests", runtime.gateway.in_flight)
+    log.info("metergate shutting down: draining %d in-flight requests", runtime.dispatcher.in_flight)
     api.should_exit = True
     await api_task
-    await runtime.gateway.close()
     for service in reversed(runtime.services):
         await service.stop()
     metrics.should_exit = True

@@ -34,6 +34,11 @@ class UsageMissing(UsageError):
     """The provider reported no usage at all (an OpenAI-compatible server that ignores `include_usage`...)."""
 
 
+class UsageNotReported(UsageMissing):
+    """A response of a kind that never carries usage (a plain-text transcription, binary speech audio): relayed as
+    it is and recorded as unmetered, never turned into an error."""
+
+
 # Non-token charges, the `unit` label of llm_billed_units_total. A closed set: a client cannot add series.
 UNITS = frozenset(
     {

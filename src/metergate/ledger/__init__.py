@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from metergate.config import LedgerConfig
 from metergate.ledger.schema import RECORD_COLUMNS
 from metergate.ledger.spool import Spool
-from metergate.ledger.store import ApiKey, LedgerError, Rejected, Store, open_store, sqlite_path
+from metergate.ledger.store import ApiKey, BatchRow, LedgerError, Rejected, Store, open_store, sqlite_path
 from metergate.usage import UsageRecord
 
 log = logging.getLogger("metergate.ledger")
@@ -458,4 +458,4 @@ def _redact(url: str) -> str:
     return url
 
 
-__all__ = ["ApiKey", "Ledger", "LedgerError", "Rejected", "record_row", "sqlite_path"]
+__all__ = ["ApiKey", "BatchRow", "Ledger", "LedgerError", "Rejected", "record_row", "sqlite_path"]

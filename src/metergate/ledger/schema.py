@@ -122,6 +122,38 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        4,
+        "batches created through the gateway, and the batched requests already billed (never billed twice)",
+        _both(
+            """CREATE TABLE batches (
+                provider TEXT NOT NULL,
+                batch_id TEXT NOT NULL,
+                family TEXT NOT NULL,
+                team TEXT NOT NULL,
+                app TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                endpoint TEXT NOT NULL,
+                model TEXT NOT NULL,
+                created_at {real} NOT NULL,
+                output_ref TEXT,
+                finished_at {real},
+                PRIMARY KEY (provider, batch_id)
+            )""",
+            "CREATE INDEX batches_open ON batches (finished_at)",
+            """CREATE TABLE batch_items (
+                provider TEXT NOT NULL,
+                batch_id TEXT NOT NULL,
+                item TEXT NOT NULL,
+                billed_at {real} NOT NULL,
+                PRIMARY KEY (provider, batch_id, item)
+            )""",
+            **_TYPES,
+        ),
+    ),
+)
+
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 MIGRATIONS_TABLE = {

@@ -215,9 +215,7 @@ class Store(ABC):
         if team is not None:
             where += f" AND r.team = {p}"
             params.append(team)
-        rows = self._execute(
-            f"SELECT {cols}j.key, {quantity} FROM {source} WHERE {where} GROUP BY {cols}j.key", params
-        )
+        rows = self._execute(f"SELECT {cols}j.key, {quantity} FROM {source} WHERE {where} GROUP BY {cols}j.key", params)
         n = len(by)
         return [(tuple(str(v) for v in row[:n]), str(row[n]), int(row[n + 1])) for row in rows]
 
@@ -246,9 +244,85 @@ class Store(ABC):
         )
         return bool(rows)
 
+    # --- batches ---------------------------------------------------------------------------------------------
+
+    def save_batch(self, batch: BatchRow) -> None:
+        """Record a batch (or what was learned about it since: its model, its results file); never overwrites who
+        created it."""
+        p = self._p
+        self._execute(
+            f"INSERT INTO batches (provider, batch_id, family, team, app, key_id, endpoint, model, created_at, "
+            f"output_ref, finished_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, NULL) "
+            "ON CONFLICT (provider, batch_id) DO UPDATE SET "
+            "model = CASE WHEN excluded.model = '' THEN batches.model ELSE excluded.model END, "
+            "output_ref = COALESCE(excluded.output_ref, batches.output_ref)",
+            (
+                batch.provider,
+                batch.batch_id,
+                batch.family,
+                batch.team,
+                batch.app,
+                batch.key_id,
+                batch.endpoint,
+                batch.model,
+                batch.created_at,
+                batch.output_ref,
+            ),
+        )
+
+    def open_batches(self, limit: int = 10_000) -> list[BatchRow]:
+        rows = self._execute(
+            "SELECT provider, batch_id, family, team, app, key_id, endpoint, model, created_at, output_ref "
+            f"FROM batches WHERE finished_at IS NULL ORDER BY created_at LIMIT {int(limit)}"
+        )
+        return [BatchRow(*row) for row in rows]
+
+    def finish_batch(self, provider: str, batch_id: str) -> None:
+        p = self._p
+        self._execute(
+            f"UPDATE batches SET finished_at = {p} WHERE provider = {p} AND batch_id = {p}",
+            (time.time(), provider, batch_id),
+        )
+
+    def claim_items(self, provider: str, batch_id: str, items: Sequence[str]) -> list[str]:
+        """The items of a batch not billed before, now marked billed (in one statement per chunk: concurrent
+        claims from several replicas each get a disjoint share)."""
+        p = self._p
+        claimed: list[str] = []
+        now = time.time()
+        for start in range(0, len(items), 200):
+            chunk = list(dict.fromkeys(items[start : start + 200]))
+            values = ", ".join([f"({p}, {p}, {p}, {p})"] * len(chunk))
+            params: list[Any] = []
+            for item in chunk:
+                params += [provider, batch_id, item, now]
+            rows = self._execute(
+                f"INSERT INTO batch_items (provider, batch_id, item, billed_at) VALUES {values} "
+                "ON CONFLICT (provider, batch_id, item) DO NOTHING RETURNING item",
+                params,
+            )
+            claimed += [str(r[0]) for r in rows]
+        return claimed
+
     @property
     def _p(self) -> str:
         return "?" if self.dialect == "sqlite" else "%s"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """A batch created through the gateway: whom its requests are billed to, and where its results are."""
+
+    provider: str
+    batch_id: str
+    family: str
+    team: str
+    app: str
+    key_id: str
+    endpoint: str  # the route that created it (the endpoint label its requests are counted under)
+    model: str
+    created_at: float
+    output_ref: str | None = None  # the results file (OpenAI output_file_id, Gemini responsesFile)
 
 
 @contextmanager

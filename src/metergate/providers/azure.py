@@ -12,7 +12,16 @@ from metergate.endpoints import EndpointMatch
 from metergate.providers.base import Upstream, join_url
 from metergate.query import with_item, without
 
-_DEPLOYMENT_SUFFIX = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
+_DEPLOYMENT_SUFFIX = {
+    "chat": "chat/completions",
+    "completions": "completions",
+    "embeddings": "embeddings",
+    "images": "images/generations",
+    "image_edit": "images/edits",
+    "transcription": "audio/transcriptions",
+    "translation": "audio/translations",
+    "speech": "audio/speech",
+}
 
 
 class AzureUpstream(Upstream):
@@ -34,6 +43,9 @@ class AzureUpstream(Upstream):
         endpoint = match.endpoint
         if path.startswith("/openai/v1/"):
             query = without(query, "api-version")  # the v1 API is unversioned
+        elif match.endpoint.handling != "relay" and path.startswith("/v1/"):
+            # A forwarded OpenAI-style call (files, batches): Azure serves it as its unversioned v1 API.
+            path, query = "/openai" + path, without(query, "api-version")
         else:
             query = with_item(query, "api-version", self.config.api_version or "")
             if endpoint.azure_path and match.path_model is not None:

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from metergate.config import ProviderConfig
 from metergate.endpoints import Endpoint, EndpointMatch, Family
 from metergate.errors import GatewayError, bad_request
@@ -40,6 +42,12 @@ class RequestFacts:
     inject_stream_usage: bool = False
     choices: int = 1  # completions generated per request (OpenAI n / best_of, Gemini candidateCount)
     image_model: str | None = None  # the model of the Responses image_generation tool, when the request names one
+    # Media requests: what prices an image (DALL-E), the format a transcription answers in, and units billed by
+    # the request itself (characters of speech input).
+    image_size: str | None = None
+    image_quality: str | None = None
+    response_format: str | None = None
+    request_units: dict[str, int] | None = None
 
 
 class StreamMeter(ABC):
@@ -89,12 +97,20 @@ class SSEStreamMeter(StreamMeter):
         """The bytes to relay for this event (usually `event.raw`), or None to hide it."""
 
 
+class MalformedResponse(UsageError):
+    """The response itself could not be read (not JSON where JSON was due)."""
+
+
 class ApiAdapter(ABC):
     family: Family
 
     def vet_request(self, endpoint: Endpoint, query: str, headers: Mapping[str, str]) -> None:
         """Raises GatewayError(400) for a query parameter or header that would change what the provider reports
         (for example a field mask that drops the usage). The default accepts everything."""
+        return None
+
+    def form_fields(self, endpoint: Endpoint) -> frozenset[str] | None:
+        """The text fields to read when the route takes multipart/form-data (file uploads); None: JSON only."""
         return None
 
     @abstractmethod
@@ -108,6 +124,21 @@ class ApiAdapter(ABC):
     @abstractmethod
     def usage_from_body(self, endpoint: Endpoint, body: Any, facts: RequestFacts | None = None) -> Usage:
         """Usage from a complete (non-streamed) JSON response to the request `facts` describe."""
+
+    def usage_from_response(
+        self, endpoint: Endpoint, data: bytes, content_type: str, facts: RequestFacts | None = None
+    ) -> Usage:
+        """Usage from a complete response's bytes; raises UsageError (UsageNotReported: a kind of response that
+        never reports usage). The default reads JSON."""
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise MalformedResponse("The upstream provider returned a response that is not JSON.") from None
+        return self.usage_from_body(endpoint, parsed, facts)
+
+    def streams(self, endpoint: Endpoint, content_type: str) -> bool:
+        """Whether a successful response is relayed as it arrives, metered on the way (SSE by default)."""
+        return "text/event-stream" in content_type
 
     @abstractmethod
     def stream_meter(self, endpoint: Endpoint, facts: RequestFacts, sse: bool) -> StreamMeter:
@@ -200,6 +231,14 @@ def read_object(obj: Mapping[str, Any], name: str, label: str | None = None) -> 
         return {}
     if not isinstance(value, dict):
         raise field_error(label or name, "an object")
+    return value
+
+
+def usage_details(container: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """A details object inside a usage report (absent or null: empty)."""
+    value = container.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise UsageError(f"{name} is not an object")
     return value
 
 

@@ -324,6 +324,12 @@ class GeminiApi(ApiAdapter):
         candidates = read_count(config, count_name, f"generationConfig.{count_name}", strings=True, bound=MAX_CHOICES)
         if endpoint.operation == "batch_embed":
             _check_batch_models(body, path_model)
+        if endpoint.operation == "predict":
+            # Imagen: `parameters.sampleCount` images (default 4 on the API; the reservation's worst case).
+            params = body.get("parameters")
+            params = params if isinstance(params, dict) else {}
+            samples = read_count(params, "sampleCount", "parameters.sampleCount", strings=True, bound=MAX_CHOICES)
+            return RequestFacts(model=path_model, stream=False, max_output_tokens=None, choices=samples or 4)
         return RequestFacts(
             model=path_model,
             stream=endpoint.operation == "stream_generate",
@@ -340,6 +346,8 @@ class GeminiApi(ApiAdapter):
 
     def usage_from_body(self, endpoint: Endpoint, body: Any, facts: RequestFacts | None = None) -> Usage:
         model = facts.model if facts is not None else None
+        if endpoint.operation == "predict":
+            return imagen_usage(require_dict(body, "response"))
         if isinstance(body, list):  # a non-SSE streamGenerateContent answer read whole
             return usage_of_chunks(body, model)
         meta = _usage_metadata(require_dict(body, "response"))
@@ -348,6 +356,9 @@ class GeminiApi(ApiAdapter):
         if endpoint.operation in ("embed", "batch_embed"):
             return parse_gemini_embedding_usage(meta)
         return parse_gemini_usage(meta, _model_version(body) or model, search_queries(body))
+
+    def streams(self, endpoint: Endpoint, content_type: str) -> bool:
+        return endpoint.operation == "stream_generate" or "text/event-stream" in content_type
 
     def stream_meter(self, endpoint: Endpoint, facts: RequestFacts, sse: bool) -> StreamMeter:
         return GeminiSSEMeter(facts.model) if sse else GeminiArrayMeter(facts.model)
@@ -370,6 +381,19 @@ class GeminiApi(ApiAdapter):
     def usage_from_token_count(body: Any) -> Usage:
         total = require_dict(body, "countTokens response").get("totalTokens")
         return Usage(input_tokens=count(total, "totalTokens"))
+
+
+def imagen_usage(body: Mapping[str, Any]) -> Usage:
+    """Imagen `:predict` reports no usage: it bills each image it returns (filtered images carry no bytes)."""
+    predictions = body.get("predictions")
+    if predictions is None:
+        predictions = []
+    if not isinstance(predictions, list):
+        raise UsageError("predictions is not a list")
+    images = sum(1 for p in predictions if isinstance(p, Mapping) and p.get("bytesBase64Encoded"))
+    usage = Usage()
+    usage.add_units("image", images)
+    return usage
 
 
 class GeminiUpstream(Upstream):

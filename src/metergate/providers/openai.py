@@ -32,6 +32,16 @@ from metergate.providers.base import (
     read_model,
     read_object,
     require_dict,
+    usage_details,
+)
+from metergate.providers.openai_media import (
+    FORM_FIELDS,
+    FORM_OPS,
+    MEDIA_OPS,
+    media_request_facts,
+    media_stream_meter,
+    media_usage,
+    parse_image_tokens,
 )
 from metergate.sse import SSEEvent
 from metergate.usage import Usage, UsageError, UsageMissing, UsagePart, count, settle, tier_of, total_of
@@ -56,8 +66,8 @@ def parse_openai_usage(usage: Mapping[str, Any], service_tier: object = None) ->
     """
     prompt = count(usage.get("prompt_tokens"), "prompt_tokens")
     completion = count(usage.get("completion_tokens"), "completion_tokens")
-    prompt_details = _details(usage, "prompt_tokens_details")
-    completion_details = _details(usage, "completion_tokens_details")
+    prompt_details = usage_details(usage, "prompt_tokens_details")
+    completion_details = usage_details(usage, "completion_tokens_details")
     cached = count(prompt_details.get("cached_tokens"), "prompt_tokens_details.cached_tokens")
     if not cached and "prompt_cache_hit_tokens" in usage:
         # DeepSeek and some OpenAI-compatible servers report cache hits at the top level, also within prompt_tokens.
@@ -83,17 +93,10 @@ def parse_openai_usage(usage: Mapping[str, Any], service_tier: object = None) ->
     )
 
 
-def _details(container: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    value = container.get(name) or {}
-    if not isinstance(value, Mapping):
-        raise UsageError(f"{name} is not an object")
-    return value
-
-
 def parse_responses_usage(usage: Mapping[str, Any], service_tier: object = None, tool_usage: object = None) -> Usage:
     """A Responses API `usage` object (the response's own model), with the web searches `tool_usage` counts."""
-    in_details = _details(usage, "input_tokens_details")
-    out_details = _details(usage, "output_tokens_details")
+    in_details = usage_details(usage, "input_tokens_details")
+    out_details = usage_details(usage, "output_tokens_details")
     result = settle(
         Usage(
             input_tokens=count(usage.get("input_tokens"), "input_tokens"),
@@ -133,7 +136,7 @@ def parse_response(response: Mapping[str, Any], image_model: str = DEFAULT_IMAGE
     if not isinstance(image_gen, Mapping):
         main.add_units("image_generation_call", sum(1 for i in items if i.get("type") == "image_generation_call"))
         return main
-    image = _image_gen_usage(image_gen)
+    image = parse_image_tokens(image_gen)
     if image.is_empty():
         return main
     image.service_tier = main.service_tier
@@ -148,19 +151,6 @@ def _is_billed_search(item: Mapping[str, Any]) -> bool:
         return False
     action = item.get("action")
     return not isinstance(action, Mapping) or action.get("type") in (None, "search")
-
-
-def _image_gen_usage(image_gen: Mapping[str, Any]) -> Usage:
-    in_details = _details(image_gen, "input_tokens_details")
-    out_details = _details(image_gen, "output_tokens_details")
-    return settle(
-        Usage(
-            input_tokens=count(image_gen.get("input_tokens"), "tool_usage.image_gen.input_tokens"),
-            output_tokens=count(image_gen.get("output_tokens"), "tool_usage.image_gen.output_tokens"),
-            input_image_tokens=count(in_details.get("image_tokens"), "tool_usage.image_gen.input_tokens_details"),
-            output_image_tokens=count(out_details.get("image_tokens"), "tool_usage.image_gen.output_tokens_details"),
-        )
-    )
 
 
 def _without_usage_null(raw: bytes) -> bytes | None:
@@ -293,7 +283,12 @@ class ResponsesStreamMeter(SSEStreamMeter):
 class OpenAIApi(ApiAdapter):
     family = "openai"
 
+    def form_fields(self, endpoint: Endpoint) -> frozenset[str] | None:
+        return FORM_FIELDS if endpoint.operation in FORM_OPS else None
+
     def request_facts(self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None) -> RequestFacts:
+        if endpoint.operation in MEDIA_OPS:
+            return media_request_facts(endpoint, body, path_model)
         # Azure deployment paths name the deployment in the path and may leave `model` out of the body.
         model = path_model if path_model is not None else read_model(body.get("model"))
         stream = read_flag(body, "stream")
@@ -347,7 +342,20 @@ class OpenAIApi(ApiAdapter):
             return parse_response(obj, _image_model(facts))
         return parse_openai_usage(_usage_object(obj), obj.get("service_tier"))
 
+    def usage_from_response(
+        self, endpoint: Endpoint, data: bytes, content_type: str, facts: RequestFacts | None = None
+    ) -> Usage:
+        if endpoint.operation in MEDIA_OPS:
+            return media_usage(endpoint, data, content_type, facts)
+        return super().usage_from_response(endpoint, data, content_type, facts)
+
+    def streams(self, endpoint: Endpoint, content_type: str) -> bool:
+        # Speech audio is relayed as it is generated, never held: its bill is known from the request.
+        return "text/event-stream" in content_type or (endpoint.operation == "speech" and "json" not in content_type)
+
     def stream_meter(self, endpoint: Endpoint, facts: RequestFacts, sse: bool) -> StreamMeter:
+        if endpoint.operation in MEDIA_OPS:
+            return media_stream_meter(endpoint, facts, sse)
         if endpoint.operation == "responses":
             return ResponsesStreamMeter(_image_model(facts))
         return ChatStreamMeter(hide_usage=facts.inject_stream_usage)

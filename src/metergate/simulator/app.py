@@ -16,8 +16,9 @@ from urllib.parse import parse_qs, unquote
 
 import orjson
 
-from metergate.simulator import anthropic, gemini, openai
+from metergate.simulator import anthropic, gemini, media, openai, realtime
 from metergate.simulator.plan import REPLAY, RESPONSE_HEADER, TAG, Bill, Billed, make_plan
+from metergate.simulator.resources import Request, Resources
 from metergate.simulator.wire import Wire
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -25,6 +26,30 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _GEMINI = re.compile(r"^/(v1beta|v1)/models/([^/:]+):(\w+)$")
 _AZURE = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|completions|embeddings)$")
+_GEMINI_GENERATION = frozenset(
+    {"generateContent", "streamGenerateContent", "embedContent", "batchEmbedContents", "countTokens", "predict"}
+)
+_OPENAI_GENERATION = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"})
+_OPENAI_MEDIA = {
+    "/v1/images/generations": "images",
+    "/v1/images/edits": "images",
+    "/v1/images/variations": "images",
+    "/v1/audio/transcriptions": "transcription",
+    "/v1/audio/translations": "translation",
+    "/v1/audio/speech": "speech",
+}
+
+
+def _family(path: str, headers: dict[str, str], query: str) -> str:
+    """The API a request is for, the way the real hosts tell: by path, and by credential where paths are shared."""
+    if path.startswith("/openai/"):
+        return "azure"
+    if path.startswith(("/v1beta/", "/v1alpha/", "/upload/", "/download/")) or "x-goog-api-key" in headers:
+        return "gemini"
+    if path.startswith("/v1/messages") or "anthropic-version" in headers or "x-api-key" in headers:
+        return "anthropic"
+    return "openai"
+
 
 # What each API can express: fields a provider never reports are zero in its bills.
 _REPORTABLE = {
@@ -71,6 +96,9 @@ class SimulatedProvider:
         self.models = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
         # Recorded provider responses, answered byte for byte to requests naming one in `x-sim-replay`.
         self.corpus = corpus.resolve() if corpus is not None else None
+        self.resources = Resources(self)
+        self.received: deque[Request] = deque(maxlen=1000)  # resource requests (files, batches...) as they arrived
+        self.handshakes: deque[dict[str, Any]] = deque(maxlen=1000)  # Realtime WebSocket handshakes
 
     def billed(self, tag: str | None = None) -> list[Bill]:
         return [b for b in list(self.bills) if tag is None or b.tag == tag]
@@ -84,6 +112,9 @@ class SimulatedProvider:
                 else:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if scope["type"] == "websocket":
+            await realtime.session(self, scope, receive, send)
+            return
         if scope["type"] != "http":
             return
         chunks = []
@@ -105,44 +136,73 @@ class SimulatedProvider:
         wire = Wire(send)
         gm = _GEMINI.match(path)
         am = _AZURE.match(path)
-        if gm:
+        family = _family(path, headers, query)
+        api, model = "", ""
+        if method != "POST":
+            pass  # model calls are POSTs: anything else is a resource (or unknown)
+        elif gm and gm.group(3) in _GEMINI_GENERATION:
             family, api, model = "gemini", f"gemini.{gm.group(3)}", gm.group(2)
         elif am:
-            family, api, model = (
-                "azure",
-                f"azure.{am.group(2)}",
-                self.deployments.get(am.group(1), am.group(1)),
-            )
+            family, api, model = "azure", f"azure.{am.group(2)}", self.deployments.get(am.group(1), am.group(1))
         elif path.startswith("/openai/"):
-            family, api, model = "azure", "azure." + path.removeprefix("/openai/").removeprefix("v1/"), ""
-        elif path.startswith("/v1/messages"):
-            family, api, model = (
-                "anthropic",
-                "anthropic." + ("count_tokens" if path.endswith("count_tokens") else "messages"),
-                "",
-            )
-        elif path.startswith("/v1/"):
-            family, api, model = "openai", "openai." + path[4:].replace("/", "."), ""
-        else:
-            await wire.json(404, openai.error(404, f"Unknown path {path}"))
-            return
+            family, api = "azure", "azure." + path.removeprefix("/openai/").removeprefix("v1/")
+        elif path in ("/v1/messages", "/v1/messages/count_tokens"):
+            family, api = "anthropic", "anthropic." + ("count_tokens" if path.endswith("count_tokens") else "messages")
+        elif path in _OPENAI_GENERATION:
+            family, api = "openai", "openai." + path[4:].replace("/", ".")
+        elif path in _OPENAI_MEDIA:
+            family, api = "openai", "openai.media." + _OPENAI_MEDIA[path]
         if not self._authorized(family, headers, query):
             await self._error(wire, family, 401, "Invalid API key.")
             return
         if REPLAY in headers and self.corpus is not None:
             await self._replay(family, path, headers, wire)
             return
-        if method == "GET" and path == "/v1/models":
-            await wire.json(200, openai.models_list(self.models))
+        if not api:
+            if method == "GET" and path == "/v1/models" and family == "openai":
+                await wire.json(200, openai.models_list(self.models))
+                return
+            request = Request(family, method, path, query, headers, raw, wire)
+            self.received.append(request)
+            if not await self.resources.handle(family, request):
+                self.bills.append(
+                    Bill(api=f"unknown:{method} {path}", model="", tag=headers.get(TAG), stream=False, status=404)
+                )
+                await self._error(wire, family, 404, f"Unknown path {method} {path}")
             return
+        files: dict[str, Any] = {}
+        received = b""
         try:
-            body = orjson.loads(raw) if raw else {}
-        except orjson.JSONDecodeError:
+            if api.startswith("openai.media."):
+                body, files = media.fields_of(headers, raw)
+                received = raw
+                raw = orjson.dumps(body)  # the plan's seed: the fields, not the uploaded file
+            else:
+                body = orjson.loads(raw) if raw else {}
+        except (orjson.JSONDecodeError, ValueError):
             await self._error(wire, family, 400, "Request body is not valid JSON.")
             return
         if not isinstance(body, dict):
             await self._error(wire, family, 400, "Request body must be a JSON object.")
             return
+        bill = await self.generate(family, api, model, query, headers, raw, body, wire, send, files=files)
+        if files and bill is not None:
+            bill.body = received
+
+    async def generate(
+        self,
+        family: str,
+        api: str,
+        model: str,
+        query: str,
+        headers: dict[str, str],
+        raw: bytes,
+        body: dict[str, Any],
+        wire: Wire,
+        send: Send | None = None,
+        files: dict[str, Any] | None = None,
+    ) -> Bill | None:
+        """One model call: plan what to bill, bill it, answer it (on `wire`, or a capture wire for batches)."""
         model = model or str(body.get("model", ""))
         cap = body.get("max_completion_tokens", body.get("max_output_tokens", body.get("max_tokens")))
         config = body.get("generationConfig")
@@ -160,23 +220,46 @@ class SimulatedProvider:
             await asyncio.sleep(plan.delay_s)
         if plan.fail == "hang":
             await asyncio.sleep(3600)
-            return
+            return bill
         if plan.redirect_to is not None:
             bill.status, bill.planned = 307, Billed()
             await wire.json(307, openai.error(307, "Moved."), {"location": plan.redirect_to})
-            return
+            return bill
         status = plan.fail_status
         if status is not None:
             bill.status = status
             bill.planned = Billed()
             await self._error(wire, family, status, f"Simulated failure {status}.")
-            return
-        extra = {}
-        if RESPONSE_HEADER in headers:
-            name, _, value = headers[RESPONSE_HEADER].partition("=")
-            extra[name] = unquote(value)
-        wire = Wire(send, plan.chunk_delay_s, extra)
+            return bill
+        if send is not None:
+            extra = {}
+            if RESPONSE_HEADER in headers:
+                name, _, value = headers[RESPONSE_HEADER].partition("=")
+                extra[name] = unquote(value)
+            wire = Wire(send, plan.chunk_delay_s, extra)
+        if api.startswith("openai.media."):
+            await self._media(api, body, files or {}, plan, bill, wire, headers)
+            return bill
         await self._answer(family, api, model, query, body, plan, bill, wire)
+        return bill
+
+    async def _media(
+        self,
+        api: str,
+        fields: dict[str, Any],
+        files: dict[str, Any],
+        plan: Any,
+        bill: Bill,
+        wire: Wire,
+        headers: dict[str, str],
+    ) -> None:
+        kind = api.removeprefix("openai.media.")
+        if kind == "images":
+            await media.images(fields, files, plan, bill, wire)
+        elif kind in ("transcription", "translation"):
+            await media.transcription(fields, files, plan, bill, wire, headers, translate=kind == "translation")
+        else:
+            await media.speech(fields, plan, bill, wire)
 
     async def _answer(
         self,
@@ -208,6 +291,8 @@ class SimulatedProvider:
             await gemini.generate(body, model, plan, bill, wire, sse="alt=sse" in query, fields=_field_mask(query))
         elif api in ("gemini.embedContent", "gemini.batchEmbedContents"):
             await gemini.embed(body, plan, bill, wire, batch=api == "gemini.batchEmbedContents")
+        elif api == "gemini.predict":
+            await media.imagen_predict(body, model, bill, wire)
         elif api == "gemini.countTokens":
             await gemini.count_tokens(body, plan, bill, wire)
         else:
@@ -246,6 +331,9 @@ class SimulatedProvider:
             "gemini": headers.get("x-goog-api-key", ""),
         }[family]
         return presented == expected
+
+    async def error(self, wire: Wire, family: str, status: int, message: str) -> None:
+        await self._error(wire, family, status, message)
 
     async def _error(self, wire: Wire, family: str, status: int, message: str) -> None:
         if family == "anthropic":

@@ -29,6 +29,7 @@ LEGACY_DELTA = "x-sim-legacy-delta"  # "1": Anthropic message_delta carries outp
 IGNORE_INCLUDE_USAGE = "x-sim-ignore-include-usage"  # "1": like servers that never send the usage chunk
 LENIENT = "x-sim-lenient"  # "1": read booleans the way pydantic-based servers (vLLM...) do: "true" and 1 are true
 REPLAY = "x-sim-replay"  # a recorded response file (relative to the simulator's corpus) to answer with
+AUDIO_SECONDS = "x-sim-audio-seconds"  # the length of an uploaded audio file (transcriptions)
 SPACED_JSON = "x-sim-spaced-json"  # "1": stream chunks written like Python's json.dumps ('"usage": null')
 
 
@@ -42,9 +43,27 @@ class Billed:
     cache_write: int = 0
     cache_write_1h: int = 0
     reasoning: int = 0
+    # Modality subsets (media endpoints): image and audio tokens within input, image and audio within output.
+    input_image: int = 0
+    input_audio: int = 0
+    output_image: int = 0
+    output_audio: int = 0
+    cached_audio: int = 0  # subset of cached and of input_audio
 
     def copy(self) -> Billed:
-        return Billed(self.input, self.output, self.cached, self.cache_write, self.cache_write_1h, self.reasoning)
+        return Billed(
+            self.input,
+            self.output,
+            self.cached,
+            self.cache_write,
+            self.cache_write_1h,
+            self.reasoning,
+            self.input_image,
+            self.input_audio,
+            self.output_image,
+            self.output_audio,
+            self.cached_audio,
+        )
 
 
 @dataclass(slots=True)
@@ -63,6 +82,10 @@ class Bill:
     completed: bool = False
     headers: dict[str, str] = field(default_factory=dict)  # as received (bytes as Latin-1)
     query: str = ""
+    batch: str | None = None  # the batch this request ran in (billed at the batch price)
+    custom_id: str | None = None  # its id within the batch
+    units: dict[str, int] = field(default_factory=dict)  # non-token charges: {"image": 2}, {"audio_second": 61}
+    body: bytes = b""  # the request body as received (kept for uploads: multipart requests)
 
 
 @dataclass(slots=True)

@@ -53,6 +53,17 @@ class Wire:
         )
         await self._send({"type": "http.response.body", "body": body})
 
+    async def raw(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        """A whole non-JSON body (file contents, audio, JSONL results)."""
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", content_type.encode()), *_encode({**(headers or {}), **self._extra})],
+            }
+        )
+        await self._send({"type": "http.response.body", "body": body})
+
     async def start(self, content_type: str, headers: dict[str, str] | None = None) -> None:
         await self._send(
             {
@@ -81,3 +92,18 @@ def sse(data: Any, event: str | None = None, sep: bytes = b"\n\n", spaced: bool 
     payload = data if isinstance(data, bytes) else json.dumps(data).encode() if spaced else orjson.dumps(data)
     head = f"event: {event}\n".encode() if event else b""
     return head + b"data: " + payload + sep
+
+
+class CaptureWire(Wire):
+    """A Wire that keeps the response instead of sending it: how the simulated batch APIs run each request."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.body = b""
+        super().__init__(self._keep)
+
+    async def _keep(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        else:
+            self.body += message.get("body", b"")

@@ -1,0 +1,304 @@
+"""Batch jobs through the gateway with the official SDKs (issue 10): every batched request billed once, at the
+batch price, to the key that created the batch, whether its results pass through the gateway or not."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import orjson
+import pytest
+from google import genai
+from google.genai import types as genai_types
+
+from metergate.simulator import Bill, SimulatorThread
+from tests.conftest import KEYS, Gateway, create_pg_database, drop_pg_database, make_gateway, wait_for
+from tests.pricesheet import cost
+
+SCOPE = "support/assistant"
+LABELS = {"team": "support", "app": "assistant"}
+BATCH = Decimal("0.5")  # every provider bills batched requests at half the standard price
+
+
+def ledger(tmp: Path) -> str:
+    return f'ledger: {{url: "sqlite:///{tmp / "ledger.db"}", flush_interval_s: 0.05}}\n'
+
+
+@pytest.fixture(scope="module")
+def gw(simulator: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("batches")
+    gateway = make_gateway(tmp, simulator.url, extra=ledger(tmp) + "batches: {poll_interval_s: 0.2}\n").start()
+    yield gateway
+    gateway.stop()
+
+
+def rows(gw: Gateway, endpoint: str) -> list[sqlite3.Row]:
+    with sqlite3.connect(Path(gw.config_path).parent / "ledger.db") as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute("SELECT * FROM usage_records WHERE endpoint = ?", (endpoint,)).fetchall()
+
+
+def batch_rows(gw: Gateway, endpoint: str, batch_bills: list[Bill]) -> list[sqlite3.Row]:
+    """The ledger rows of the given batched requests (by their model and tokens, in bill order)."""
+    found = rows(gw, endpoint)
+    return [r for r in found if r["upstream_model"] and r["details"] and '"batch"' in r["details"]] or found
+
+
+def expected_cost(bills: list[Bill], model: str) -> Decimal:
+    return sum((cost(model, b.reported) * BATCH for b in bills), Decimal(0))
+
+
+def assert_batch_billed(gw: Gateway, before, bills: list[Bill], endpoint: str, model: str) -> None:  # type: ignore[no-untyped-def]
+    labels = {**LABELS, "endpoint": endpoint}
+    want_in = sum(b.reported.input for b in bills)
+    want_out = sum(b.reported.output for b in bills)
+    assert wait_for(lambda: gw.metrics().delta(before, "llm_tokens_in", **labels) == want_in, timeout=15), (
+        gw.metrics().delta(before, "llm_tokens_in", **labels),
+        want_in,
+    )
+    after = gw.metrics()
+    assert after.delta(before, "llm_tokens_out", **labels) == want_out
+    got = Decimal(repr(after.delta(before, "llm_total_cost_usd", model=model, **labels)))
+    want = expected_cost(bills, model)
+    assert abs(got - want) <= Decimal("1e-9"), (got, want)
+
+
+def openai_batch_file(client: openai.OpenAI, n: int, model: str = "gpt-4o-mini") -> str:
+    lines = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": f"question {i} " * (i + 1)}]},
+        }
+        for i in range(n)
+    ]
+    data = b"".join(orjson.dumps(line) + b"\n" for line in lines)
+    return client.files.create(file=("batch.jsonl", data), purpose="batch").id
+
+
+def oai(gw: Gateway, tag: str, **headers: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{gw.url}/v1", api_key=KEYS[SCOPE], max_retries=0, default_headers={"x-sim-tag": tag, **headers}
+    )
+
+
+# --- OpenAI -------------------------------------------------------------------------------------------------------
+
+
+def test_openai_batch_billed_once_at_the_batch_price(gw: Gateway, simulator: SimulatorThread, tag: str) -> None:
+    client = oai(gw, tag, **{"x-sim-batch-ms": "600000"})  # finishes only when the test says so
+    before = gw.metrics()
+    batch = client.batches.create(
+        input_file_id=openai_batch_file(client, 3), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "validating"
+    bills = simulator.app.billed(tag)
+    assert len(bills) == 3 and all(b.batch == batch.id for b in bills)
+    time.sleep(0.6)  # polled while running: nothing billed yet
+    assert gw.metrics().delta(before, "llm_tokens_in", endpoint="/v1/batches", **LABELS) == 0
+    simulator.app.resources.batches[batch.id].ready_at = time.time()
+    done = client.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.output_file_id
+    content = client.files.content(done.output_file_id).content
+    assert content.count(b"\n") == 3
+    assert_batch_billed(gw, before, bills, "/v1/batches", "gpt-4o-mini")
+    # Fetching the results again, and the poller reading them too, never bills twice.
+    client.files.content(done.output_file_id)
+    time.sleep(0.8)
+    assert_batch_billed(gw, before, bills, "/v1/batches", "gpt-4o-mini")
+    billed = [r for r in rows(gw, "/v1/batches") if r["tokens_in"]]
+    assert len(billed) == 3 and {r["team"] for r in billed} == {"support"}
+    assert all('"batch"' in r["details"] for r in billed)
+
+
+def test_openai_batch_billed_by_polling_when_results_are_fetched_elsewhere(
+    gw: Gateway, simulator: SimulatorThread, tag: str
+) -> None:
+    client = oai(gw, tag)
+    before = gw.metrics()
+    client.batches.create(
+        input_file_id=openai_batch_file(client, 2), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    # Nobody retrieves the batch or its results through the gateway: the poller does.
+    assert_batch_billed(gw, before, simulator.app.billed(tag), "/v1/batches", "gpt-4o-mini")
+
+
+# --- Anthropic ----------------------------------------------------------------------------------------------------
+
+
+def test_anthropic_batch_results_billed_once(gw: Gateway, simulator: SimulatorThread, tag: str) -> None:
+    client = anthropic.Anthropic(
+        base_url=gw.url,
+        api_key=KEYS[SCOPE],
+        max_retries=0,
+        default_headers={"x-sim-tag": tag, "x-sim-batch-ms": "600000"},
+    )
+    before = gw.metrics()
+    batch = client.messages.batches.create(
+        requests=[
+            {
+                "custom_id": f"c{i}",
+                "params": {
+                    "model": "claude-haiku-4-5",
+                    "max_tokens": 64,
+                    "messages": [{"role": "user", "content": "hi " * i}],
+                },
+            }
+            for i in range(1, 4)
+        ]
+    )
+    bills = simulator.app.billed(tag)
+    simulator.app.resources.batches[batch.id].ready_at = time.time()
+    results = list(client.messages.batches.results(batch.id))  # follows results_url: the gateway's
+    assert sorted(r.custom_id for r in results) == ["c1", "c2", "c3"]
+    assert_batch_billed(gw, before, bills, "/v1/messages/batches", "claude-haiku-4-5")
+    list(client.messages.batches.results(batch.id))
+    time.sleep(0.8)
+    assert_batch_billed(gw, before, bills, "/v1/messages/batches", "claude-haiku-4-5")
+
+
+# --- Gemini -------------------------------------------------------------------------------------------------------
+
+
+def gem(gw: Gateway, tag: str) -> genai.Client:
+    return genai.Client(
+        api_key=KEYS[SCOPE], http_options=genai_types.HttpOptions(base_url=gw.url, headers={"x-sim-tag": tag})
+    )
+
+
+def test_gemini_inline_batch_billed_once(gw: Gateway, simulator: SimulatorThread, tag: str) -> None:
+    client = gem(gw, tag)
+    before = gw.metrics()
+    job = client.batches.create(
+        model="gemini-2.5-flash",
+        src=[{"contents": [{"parts": [{"text": f"capital of country {i}?"}], "role": "user"}]} for i in range(3)],
+    )
+    assert job.name and job.name.startswith("batches/")
+    bills = simulator.app.billed(tag)
+    assert len(bills) == 3
+    fetched = client.batches.get(name=job.name)
+    assert fetched.state is not None and fetched.state.name == "JOB_STATE_SUCCEEDED"
+    assert_batch_billed(gw, before, bills, "/v1/models/{model}:batchGenerateContent", "gemini-2.5-flash")
+    client.batches.get(name=job.name)
+    time.sleep(0.8)
+    assert_batch_billed(gw, before, bills, "/v1/models/{model}:batchGenerateContent", "gemini-2.5-flash")
+
+
+def test_gemini_file_batch_billed_once(gw: Gateway, simulator: SimulatorThread, tag: str) -> None:
+    client = gem(gw, tag)
+    lines = b"".join(
+        orjson.dumps({"key": f"k{i}", "request": {"contents": [{"parts": [{"text": f"q{i}"}], "role": "user"}]}})
+        + b"\n"
+        for i in range(4)
+    )
+    src = client.files.upload(file=io.BytesIO(lines), config={"mime_type": "application/jsonl", "display_name": "in"})
+    before = gw.metrics()
+    job = client.batches.create(model="gemini-2.5-flash", src=src.name)
+    bills = simulator.app.billed(tag)
+    assert len(bills) == 4
+    done = client.batches.get(name=job.name)
+    assert done.dest is not None and done.dest.file_name
+    results = client.files.download(file=done.dest.file_name)
+    assert results.count(b"\n") == 4
+    assert_batch_billed(gw, before, bills, "/v1/models/{model}:batchGenerateContent", "gemini-2.5-flash")
+
+
+# --- budgets and restarts -----------------------------------------------------------------------------------------
+
+
+def test_block_budget_refuses_batch_creation(simulator: SimulatorThread, tmp_path: Path, tag: str) -> None:
+    gateway = make_gateway(
+        tmp_path,
+        simulator.url,
+        extra="budgets:\n  - {team: support, period: month, limit_usd: 0.0000001, action: block}\n",
+    ).start()
+    try:
+        client = oai(gateway, tag)
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "spend"}])
+        file_id = openai_batch_file(client, 1)  # uploads are free: still accepted
+        with pytest.raises(openai.RateLimitError) as info:
+            client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert info.value.code == "budget_exceeded"
+        assert not any(b.batch for b in simulator.app.billed(tag))
+    finally:
+        gateway.stop()
+
+
+def test_batch_billed_after_a_restart(simulator: SimulatorThread, tmp_path: Path, tag: str) -> None:
+    """The batch outlives the process that saw it created: the next process polls it from the ledger."""
+    extra = ledger(tmp_path) + "batches: {poll_interval_s: 0.2}\n"
+    first = make_gateway(tmp_path, simulator.url, extra=extra).start()
+    client = oai(first, tag, **{"x-sim-batch-ms": "600000"})
+    batch = client.batches.create(
+        input_file_id=openai_batch_file(client, 2), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    first.stop()
+    simulator.app.resources.batches[batch.id].ready_at = time.time()
+    second = make_gateway(tmp_path, simulator.url, extra=extra)
+    second.config_path.write_text(
+        first.config_path.read_text()
+        .replace(first.listen, second.listen)
+        .replace(first.metrics_listen, second.metrics_listen)
+    )
+    second.start()
+    try:
+        before = second.metrics()
+        assert_batch_billed(second, before, simulator.app.billed(tag), "/v1/batches", "gpt-4o-mini")
+    finally:
+        second.stop()
+
+
+def test_two_replicas_polling_one_batch_bill_it_once(simulator: SimulatorThread, tmp_path: Path, tag: str) -> None:
+    """Replicas sharing a PostgreSQL ledger all poll every open batch (each learns of the others' batches from the
+    ledger) and all read the results: the claims in `batch_items` let each request be billed by exactly one."""
+    url = create_pg_database()
+    extra = f'ledger: {{url: "{url}", flush_interval_s: 0.05}}\nbatches: {{poll_interval_s: 0.1}}\n'
+    replicas = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            replicas.append(make_gateway(tmp_path / name, simulator.url, extra=extra).start())
+        a, b = replicas
+        client = oai(a, tag, **{"x-sim-batch-ms": "600000"})
+        batch = client.batches.create(
+            input_file_id=openai_batch_file(client, 3), endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        time.sleep(1.5)  # b reads the open batch from the ledger
+        simulator.app.resources.batches[batch.id].ready_at = time.time()
+        done = oai(b, tag).batches.retrieve(batch.id)
+        oai(b, tag).files.content(done.output_file_id or "")
+        oai(a, tag).files.content(done.output_file_id or "")
+        bills = simulator.app.billed(tag)
+        want = sum(bill.reported.input for bill in bills)
+
+        def billed() -> float:
+            return sum(r.metrics().sum("llm_tokens_in", endpoint="/v1/batches", **LABELS) for r in replicas)
+
+        assert wait_for(lambda: billed() == want, timeout=15), (billed(), want)
+        time.sleep(1.0)  # every replica has polled and read the results by now
+        assert billed() == want
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            n, tokens = conn.execute(
+                "SELECT COUNT(*), SUM(tokens_in) FROM usage_records WHERE endpoint = '/v1/batches' AND tokens_in > 0"
+            ).fetchone()
+        assert n == 3 and tokens == want
+    finally:
+        for replica in replicas:
+            replica.stop()
+        drop_pg_database(url)
+
+
+def test_batch_results_of_unknown_batches_pass_untouched(gw: Gateway) -> None:
+    """Results of a batch the gateway never saw created are relayed as they are and bill nothing."""
+    r = httpx.get(f"{gw.url}/v1/files/file-unknown/content", headers=gw.headers(SCOPE))
+    assert r.status_code == 404
