@@ -189,7 +189,7 @@ def main() -> None:
                 direct_s, _ = asyncio.run(fn(sink, size, {}))
                 with Sampler(gateway.pid) as sampler:
                     via_s, moved = asyncio.run(fn(gw, size, auth))
-                assert moved == size, (name, moved, size)
+                assert moved >= size, (name, moved, size)  # an upload counts its multipart framing too
                 print(
                     f"{name:8s} peak RSS {sampler.peak / 2**20:7.1f} MB  growth {(sampler.peak - base) / 2**20:6.1f} MB"
                     f"  direct {size / direct_s / 2**20:7.1f} MB/s  via gateway {size / via_s / 2**20:7.1f} MB/s"

@@ -165,6 +165,37 @@ def test_anthropic_batch_results_billed_once(gw: Gateway, simulator: SimulatorTh
     assert_batch_billed(gw, before, bills, "/v1/messages/batches", "claude-haiku-4-5")
 
 
+def test_deleting_a_batch_bills_its_results_first(simulator: SimulatorThread, tmp_path: Path, tag: str) -> None:
+    """Deleting a batch destroys its results: the gateway bills them before forwarding the deletion, so deleting
+    before anyone (or the poller) read them does not make the spend disappear."""
+    gateway = make_gateway(tmp_path, simulator.url, extra="batches: {poll_interval_s: 3600}\n").start()
+    try:
+        client = anthropic.Anthropic(
+            base_url=gateway.url, api_key=KEYS[SCOPE], max_retries=0, default_headers={"x-sim-tag": tag}
+        )
+        before = gateway.metrics()
+        request = {"model": "claude-haiku-4-5", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
+        batch = client.messages.batches.create(requests=[{"custom_id": "only", "params": request}])
+        bills = simulator.app.billed(tag)
+        client.messages.batches.delete(batch.id)
+        assert batch.id not in simulator.app.resources.batches
+        assert_batch_billed(gateway, before, bills, "/v1/messages/batches", "claude-haiku-4-5")
+        # An OpenAI output file likewise, even when the gateway never saw the batch retrieved (its results file
+        # id learned elsewhere): billed, then deleted.
+        oclient = oai(gateway, tag)
+        before = gateway.metrics()
+        obatch = oclient.batches.create(
+            input_file_id=openai_batch_file(oclient, 2), endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        output = simulator.app.resources.batches[obatch.id].output_file_id
+        assert output is not None
+        assert oclient.files.delete(output).deleted
+        obills = [b for b in simulator.app.billed(tag) if b.batch == obatch.id]
+        assert_batch_billed(gateway, before, obills, "/v1/batches", "gpt-4o-mini")
+    finally:
+        gateway.stop()
+
+
 # --- Gemini -------------------------------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ from metergate.errors import GatewayError
 from metergate.exchange import Recorder, UpstreamClients, forward_headers
 from metergate.labels import LabelPolicy
 from metergate.ledger import BatchRow, Ledger, LedgerError
-from metergate.passthrough import ResponseTap, TapFactory, TapRequest
+from metergate.passthrough import PreForward, ResponseTap, TapFactory, TapRequest
 from metergate.providers import API_ADAPTERS, RequestFacts, Upstream
 from metergate.rewrite import JsonUrlTap
 from metergate.usage import Usage, UsageError, UsageRecord
@@ -671,6 +671,44 @@ class BatchResultsTap:
                 self.reader.end()
             self.meter.results_read(self.row, self.reader.take())
         return b""
+
+
+def batch_guards(meter: BatchMeter) -> dict[str, PreForward]:
+    """Deleting a batch (Anthropic, Gemini) or a batch's output file (OpenAI) deletes its results: the gateway
+    bills them first, and refuses the deletion (503, retry) while it cannot."""
+
+    async def bill_first(request: TapRequest, row: BatchRow | None) -> GatewayError | None:
+        if row is None or await meter.poll(row):
+            return None
+        return GatewayError(
+            503,
+            "batch_not_billed",
+            "metergate has not yet billed this batch's results, which deleting it would destroy; retry shortly.",
+            headers={"retry-after": "5"},
+        )
+
+    async def anthropic(request: TapRequest) -> GatewayError | None:
+        return await bill_first(
+            request, meter.batch(request.upstream.name, request.ctx.match.params.get("batch_id", ""))
+        )
+
+    async def gemini(request: TapRequest) -> GatewayError | None:
+        batch = "batches/" + request.ctx.match.params.get("batch", "")
+        return await bill_first(request, meter.batch(request.upstream.name, batch))
+
+    async def openai_file(request: TapRequest) -> GatewayError | None:
+        provider, file_id = request.upstream.name, request.ctx.match.params.get("file_id", "")
+        if meter.batch_of_output(provider, file_id) is None:
+            # Any open batch whose results file is not known yet could be this file's: ask (an ended one is billed).
+            for row in [r for r in meter.known.values() if r.provider == provider and not r.output_ref][:50]:
+                await meter.poll(row)
+        return await bill_first(request, meter.batch_of_output(provider, file_id))
+
+    return {
+        "DELETE anthropic_batch": anthropic,
+        "DELETE gemini_batch": gemini,
+        "DELETE openai_file_delete": openai_file,
+    }
 
 
 def batch_taps(meter: BatchMeter) -> dict[str, TapFactory]:

@@ -64,7 +64,21 @@ class Dispatcher:
         ctx = self.context(req)
         self.in_flight += 1
         try:
-            await self._handle(req, out, ctx)
+            ctx.principal = self.keys.authenticate(req.headers, req.query)
+            if ctx.principal is None and self.sessions is not None:
+                ctx.principal = self.sessions(req)
+            if ctx.principal is None:
+                err = GatewayError(
+                    401, "unauthorized", "Invalid or missing API key: use a key issued by the metergate gateway."
+                )
+                await self.recorder.fail(out, ctx, err)
+                return
+            # A path that matched a fixed route is one of the gateway's own: only headers remain to check.
+            refusal = req.refusal or refuse_request(req.path, req.headers, checked_path=ctx.match.static)
+            if refusal is not None:
+                await self.recorder.fail(out, ctx, refusal)
+                return
+            await self.handlers[ctx.match.endpoint.handling].handle(req, out, ctx)
         except asyncio.CancelledError:
             # Shutdown gave up waiting for this request: record what is known before the task ends.
             self.recorder.emit_unfinished(ctx, 499, "cancelled")
@@ -78,20 +92,3 @@ class Dispatcher:
                     await send_error(out, ctx, err)
         finally:
             self.in_flight -= 1
-
-    async def _handle(self, req: InboundRequest, out: Responder, ctx: RequestContext) -> None:
-        ctx.principal = self.keys.authenticate(req.headers, req.query)
-        if ctx.principal is None and self.sessions is not None:
-            ctx.principal = self.sessions(req)
-        if ctx.principal is None:
-            err = GatewayError(
-                401, "unauthorized", "Invalid or missing API key: use a key issued by the metergate gateway."
-            )
-            await self.recorder.fail(out, ctx, err)
-            return
-        # A path that matched a fixed route is one of the gateway's own: only headers remain to check.
-        refusal = req.refusal or refuse_request(req.path, req.headers, checked_path=ctx.match.static)
-        if refusal is not None:
-            await self.recorder.fail(out, ctx, refusal)
-            return
-        await self.handlers[ctx.match.endpoint.handling].handle(req, out, ctx)

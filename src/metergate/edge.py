@@ -111,7 +111,15 @@ class AsgiBody:
         return int(declared) if declared is not None and declared.isdigit() and len(declared) < 20 else None
 
     async def read(self) -> bytes:
-        chunks = [chunk async for chunk in self._chunks(self._limit)]
+        # The common case, a body in one message, without the generator `stream` uses: this is on every model call.
+        declared = self.declared_length
+        if declared is not None and declared > self._limit:
+            raise _too_large(self._limit)
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body") and len(message["body"]) <= self._limit:
+            self.finished = True
+            return message["body"]  # type: ignore[no-any-return]
+        chunks = [chunk async for chunk in self._chunks(self._limit, message)]
         return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     async def stream(self) -> AsyncIterator[bytes]:
@@ -122,13 +130,14 @@ class AsgiBody:
             self.error = err
             raise
 
-    async def _chunks(self, limit: int) -> AsyncIterator[bytes]:
+    async def _chunks(self, limit: int, first: Message | None = None) -> AsyncIterator[bytes]:
         declared = self.declared_length
         if declared is not None and declared > limit:
             raise _too_large(limit)
         size = 0
         while True:
-            message = await self._receive()
+            message = first if first is not None else await self._receive()
+            first = None
             if message["type"] == "http.disconnect":
                 if getattr(getattr(self._receive, "__self__", None), "body_timed_out", False):
                     raise GatewayError(408, "body_timeout", "The client stopped sending the request body.")

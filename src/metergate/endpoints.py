@@ -110,6 +110,7 @@ GET     /v1/chat/completions/{completion_id}/messages   free
 *       /v1/conversations                               free
 *       /v1/conversations/**                            free
 *       /v1/files                                       free
+DELETE  /v1/files/{file_id}                             free tap=openai_file_delete
 *       /v1/files/{file_id}                             free
 GET     /v1/files/{file_id}/content                     free tap=openai_file_content
 POST    /v1/uploads                                     free
@@ -199,6 +200,7 @@ POST    /openai/deployments/{deployment}/audio/translations     relay op=transla
 POST    /openai/deployments/{deployment}/audio/speech           relay op=speech
 POST    /openai/responses                                       relay op=responses
 *       /openai/files                                           free
+DELETE  /openai/files/{file_id}                                 free tap=openai_file_delete
 *       /openai/files/{file_id}                                 free
 GET     /openai/files/{file_id}/content                         free tap=openai_file_content
 POST    /openai/batches                                         deferred tap=openai_batch

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,6 +66,9 @@ class TapRequest:
 
 
 TapFactory = Callable[[TapRequest], ResponseTap | None]
+# Work that must happen before a call is forwarded (billing a batch's results before they are deleted); returns the
+# refusal to answer instead, if the call must not go through yet.
+PreForward = Callable[[TapRequest], Awaitable[GatewayError | None]]
 
 
 class Passthrough:
@@ -79,6 +82,7 @@ class Passthrough:
         clients: UpstreamClients,
         recorder: Recorder,
         taps: Mapping[str, TapFactory] | None = None,
+        before: Mapping[str, PreForward] | None = None,
     ) -> None:
         self.config = config
         self.labels = labels
@@ -86,6 +90,7 @@ class Passthrough:
         self.clients = clients
         self.recorder = recorder
         self.taps = dict(taps or {})
+        self.before = dict(before or {})
 
     async def handle(self, req: InboundRequest, out: Responder, ctx: RequestContext) -> None:
         endpoint = ctx.match.endpoint
@@ -151,8 +156,13 @@ class Passthrough:
 
     async def _forward(self, req: InboundRequest, out: Responder, ctx: RequestContext, upstream: Upstream) -> None:
         endpoint = ctx.match.endpoint
+        request = TapRequest(ctx, req, upstream, self._public_url(req))
+        hook = self.before.get(f"{req.method} {endpoint.tap}") if endpoint.tap else None
+        if hook is not None and (refusal := await hook(request)) is not None:
+            await self.recorder.fail(out, ctx, refusal)
+            return
         factory = self.taps.get(endpoint.tap) if endpoint.tap else None
-        tap = factory(TapRequest(ctx, req, upstream, self._public_url(req))) if factory is not None else None
+        tap = factory(request) if factory is not None else None
         # A tap reads the body: ask for it uncompressed. Otherwise the client's own encoding goes through untouched.
         headers = forward_headers(req.headers, upstream, identity=tap is not None)
         body = None

@@ -240,6 +240,7 @@ class PriceBook:
         # (id of the standard price, active variants, tag) -> (standard price, the price in force, its card)
         self._cards: dict[tuple[int, tuple[int, ...], str], tuple[ModelPrice, ModelPrice, RateCard]] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._resolved: dict[tuple[int, str | None, bool, str | None, int], tuple[Any, Any, tuple[str, ...]]] = {}
 
     # --- lookups ---------------------------------------------------------------------------------------------
 
@@ -333,7 +334,18 @@ class PriceBook:
                     return _table_quote(pricing_provider, model, usage, at)
                 self._warn_unpriced(provider_name, model)
                 return _UNPRICED
-            resolved = self._resolve(entry, usage, at, notes)
+            # The price in force is the same for every request of a model served the same way in the same minute
+            # (genai-prices' finest constraint is a time of day): resolved once, then reused.
+            key = (id(entry.model), usage.service_tier, usage.batch, usage.speed, int(at.timestamp()) // 60)
+            cached = self._resolved.get(key)
+            if cached is None or cached[0] is not entry.model:
+                found_notes: list[str] = []
+                resolved = self._resolve(entry, usage, at, found_notes)
+                if len(self._resolved) >= _MAX_CACHED:
+                    self._resolved.clear()
+                cached = self._resolved[key] = (entry.model, resolved, tuple(found_notes))
+            resolved = cached[1]
+            notes.extend(cached[2])
             if resolved is None:
                 return Quote(Decimal(0), False, tuple(notes))
             model_price, card, complete, uplift = resolved

@@ -75,6 +75,7 @@ class _Session:
     response_started: float | None = None
     closed_for_budget: bool = False
     budget_message: str = ""
+    client_gone: bool = False
 
 
 class RealtimeRelay:
@@ -242,14 +243,23 @@ class RealtimeRelay:
     async def _relay(
         self, session: _Session, ws: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send
     ) -> None:
-        client_gone = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        drain: asyncio.TimerHandle | None = None
 
         async def client_to_upstream() -> None:
+            nonlocal drain
             while True:
                 message = await receive()
                 kind = message["type"]
                 if kind == "websocket.disconnect":
-                    client_gone.set()
+                    session.client_gone = True
+                    if not session.open_responses:
+                        await ws.close()
+                    else:
+                        # A response the provider is generating is billed: read on until its usage arrives.
+                        drain = loop.call_later(
+                            self.config.server.drain_timeout_s, lambda: asyncio.ensure_future(ws.close())
+                        )
                     return
                 if kind != "websocket.receive":
                     continue
@@ -261,75 +271,38 @@ class RealtimeRelay:
         reader = asyncio.create_task(client_to_upstream())
         close_code = 1000
         try:
-            async for msg in self._upstream_messages(ws, session, client_gone):
+            async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     data: str = msg.data
                     self._observe(session, data)
-                    if not client_gone.is_set():
-                        with contextlib.suppress(Exception):
-                            await send({"type": "websocket.send", "text": data})
+                    if session.client_gone:
+                        if not session.open_responses:
+                            break  # the drained response's usage arrived
+                        continue
+                    with contextlib.suppress(Exception):
+                        await send({"type": "websocket.send", "text": data})
                     if session.closed_for_budget:
                         # Told in the API's own error event, then closed: the session cannot keep spending.
                         close_code = 1008
                         with contextlib.suppress(Exception):
                             await send({"type": "websocket.send", "text": _budget_event(session)})
                         break
-                elif msg.type == aiohttp.WSMsgType.BINARY and not client_gone.is_set():
+                elif msg.type == aiohttp.WSMsgType.BINARY and not session.client_gone:
                     with contextlib.suppress(Exception):
                         await send({"type": "websocket.send", "bytes": msg.data})
         finally:
+            if drain is not None:
+                drain.cancel()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
         if session.open_responses:
             # The provider billed a response whose usage never arrived (it closed, or the drain gave up).
-            self._unmetered(session, "drain_timeout" if client_gone.is_set() else "upstream_closed")
-        if not client_gone.is_set():
+            self._unmetered(session, "drain_timeout" if session.client_gone else "upstream_closed")
+        if not session.client_gone:
             upstream_code = ws.close_code if ws.close_code is not None else 1000
             with contextlib.suppress(Exception):
                 await send({"type": "websocket.close", "code": close_code if close_code != 1000 else upstream_code})
-
-    async def _upstream_messages(
-        self, ws: aiohttp.ClientWebSocketResponse, session: _Session, client_gone: asyncio.Event
-    ) -> Any:
-        """The provider's messages until it closes; once the client has left, only while a response it asked for
-        is still being generated (the provider bills it), for at most drain_timeout_s."""
-        drain_deadline: float | None = None
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Task[bool] | None = None
-        while True:
-            if client_gone.is_set():
-                if not session.open_responses:
-                    return
-                if drain_deadline is None:
-                    drain_deadline = loop.time() + self.config.server.drain_timeout_s
-                remaining = drain_deadline - loop.time()
-                if remaining <= 0:
-                    return
-                try:
-                    msg = await asyncio.wait_for(ws.receive(), remaining)
-                except TimeoutError:
-                    return
-            else:
-                receiving = asyncio.ensure_future(ws.receive())
-                if waiter is None or waiter.done():
-                    waiter = asyncio.ensure_future(client_gone.wait())
-                done, _ = await asyncio.wait({receiving, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if receiving not in done:
-                    receiving.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await receiving
-                    continue
-                msg = receiving.result()
-            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-                if waiter is not None:
-                    waiter.cancel()
-                return
-            if msg.type == aiohttp.WSMsgType.ERROR:
-                if waiter is not None:
-                    waiter.cancel()
-                return
-            yield msg
 
     # --- metering --------------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from metergate.admin import AdminApi
 from metergate.auth import KeyRing, Principal
-from metergate.batches import BatchMeter, LedgerBatchStore, MemoryBatchStore, batch_taps
+from metergate.batches import BatchMeter, LedgerBatchStore, MemoryBatchStore, batch_guards, batch_taps
 from metergate.budgets import BudgetGuard
 from metergate.config import Config, ConfigError, ServerConfig, parse_hostport
 from metergate.connections import ConnectionLimits, ConnectionStats, guarded_protocol, raise_open_file_limit
@@ -165,7 +165,7 @@ def build_runtime(config: Config) -> Runtime:
         recorder, labels, clients, upstreams, batch_store, config.batches.poll_interval_s, guard.clock.time
     )
     taps = {**url_taps(uploads), **batch_taps(batches)}
-    forwarder = Passthrough(config, labels, router, clients, recorder, taps=taps)
+    forwarder = Passthrough(config, labels, router, clients, recorder, taps=taps, before=batch_guards(batches))
     dispatcher = Dispatcher(
         keys,
         recorder,
@@ -252,7 +252,7 @@ def _uvicorn_config(
         timeout_graceful_shutdown=math.ceil(graceful_s),
         timeout_keep_alive=math.ceil(keepalive_s),
         backlog=4096,
-        ws="websockets",
+        ws="websockets-sansio",
         ws_max_size=MAX_FRAME_BYTES,
     )
 

@@ -10,6 +10,7 @@ need to know which API a request used. The normalisation rules (PRODUCT.md, "Met
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -116,6 +117,22 @@ def settle(usage: Usage) -> Usage:
     reported inside them, in the order that prices the request higher (a discount is dropped before a surcharge):
     cached reads first, then image, then audio detail."""
     u = usage
+    if (
+        # The usual report (text in and out, cached reads within the input): nothing to repair.
+        not (
+            u.cache_write_tokens
+            or u.input_audio_tokens
+            or u.input_image_tokens
+            or u.output_audio_tokens
+            or u.output_image_tokens
+            or u.cache_audio_read_tokens
+            or u.cache_image_read_tokens
+            or u.cache_write_1h_tokens
+        )
+        and u.cache_read_tokens <= u.input_tokens
+        and u.reasoning_tokens <= u.output_tokens
+    ):
+        return u
     before = _counts(u)
     u.cache_write_1h_tokens = min(u.cache_write_1h_tokens, u.cache_write_tokens)
     u.cache_write_tokens = min(u.cache_write_tokens, u.input_tokens)
@@ -173,8 +190,7 @@ _COUNT_FIELDS = (
 )
 
 
-def _counts(u: Usage) -> tuple[int, ...]:
-    return tuple(getattr(u, f) for f in _COUNT_FIELDS)
+_counts = operator.attrgetter(*_COUNT_FIELDS)
 
 
 def total_of(parts: list[Usage] | tuple[Usage, ...]) -> Usage:

@@ -41,6 +41,7 @@ def simulator_config(app: SimulatedProvider, host: str, port: int) -> uvicorn.Co
         log_level="critical",
         timeout_graceful_shutdown=1,
         backlog=4096,
+        ws="websockets-sansio",
     )
 
 

@@ -144,6 +144,7 @@ class Resources:
         r("anthropic", "GET", r"/v1/messages/batches", self.anthropic_batch_list)
         r("anthropic", "GET", r"/v1/messages/batches/(?P<id>[^/]+)", self.anthropic_batch_get)
         r("anthropic", "POST", r"/v1/messages/batches/(?P<id>[^/]+)/cancel", self.anthropic_batch_cancel)
+        r("anthropic", "DELETE", r"/v1/messages/batches/(?P<id>[^/]+)", self.anthropic_batch_delete)
         r("anthropic", "GET", r"/v1/messages/batches/(?P<id>[^/]+)/results", self.anthropic_batch_results)
         r("anthropic", "GET", r"/v1/models", self.anthropic_models)
         r("anthropic", "GET", r"/v1/models/(?P<id>[^/]+)", self.anthropic_model)
@@ -530,6 +531,14 @@ class Resources:
             return
         b.cancelled = True
         await req.wire.json(200, self._anthropic_batch(b, req.base))
+
+    async def anthropic_batch_delete(self, req: Request, id: str) -> None:
+        b = self.batches.get(id)
+        if b is None or not b.ready():
+            await req.wire.json(400, anthropic.error(400, f"Batch {id} cannot be deleted while it is processing"))
+            return
+        del self.batches[id]
+        await req.wire.json(200, {"id": id, "type": "message_batch_deleted"})
 
     async def anthropic_batch_results(self, req: Request, id: str) -> None:
         b = self.batches.get(id)
