@@ -41,7 +41,9 @@ def rss(pid: int) -> int:
     return 0
 
 
-async def session(url: str, headers: dict[str, str], turns: int, opened: asyncio.Barrier, latencies: list[float]) -> None:
+async def session(
+    url: str, headers: dict[str, str], turns: int, opened: asyncio.Barrier, latencies: list[float]
+) -> None:
     async with websockets.asyncio.client.connect(url, additional_headers=headers, max_size=None) as ws:
         await ws.recv()  # session.created
         await opened.wait()  # every session open at once: the memory figure
@@ -118,10 +120,14 @@ def main() -> None:
             after = rss(gateway.pid)
             print(f"{args.sessions} concurrent sessions x {args.turns} turns (16 deltas + response.done each)")
             for name, lat in (("direct", direct_lat), ("via gateway", via_lat)):
-                print(f"  {name:12s} turn p50 {pct(lat, 0.5):7.2f} ms  p99 {pct(lat, 0.99):7.2f} ms  mean {statistics.mean(lat) * 1000:7.2f} ms")
+                mean = statistics.mean(lat) * 1000
+                print(
+                    f"  {name:12s} turn p50 {pct(lat, 0.5):7.2f} ms  p99 {pct(lat, 0.99):7.2f} ms  mean {mean:7.2f} ms"
+                )
             print(f"  added p50 {pct(via_lat, 0.5) - pct(direct_lat, 0.5):.2f} ms per turn")
             print(
-                f"  gateway RSS: {before / 2**20:.1f} MB before, {peak / 2**20:.1f} MB with {args.sessions} sessions open "
+                f"  gateway RSS: {before / 2**20:.1f} MB before, "
+                f"{peak / 2**20:.1f} MB with {args.sessions} sessions open "
                 f"({(peak - before) / args.sessions / 1024:.0f} KB per session), {after / 2**20:.1f} MB after"
             )
             billed = httpx.get(f"http://127.0.0.1:{metrics}/metrics").text
