@@ -246,3 +246,55 @@ def test_anthropic_batch_results_url_is_the_gateways(gw: Gateway) -> None:
 
 def _bytes_file(data: bytes) -> io.BytesIO:
     return io.BytesIO(data)
+
+
+def _open_upload(gw: Gateway) -> str:
+    r = httpx.post(
+        f"{gw.url}/upload/v1beta/files",
+        headers={
+            "x-goog-api-key": KEYS[SCOPE],
+            "x-goog-upload-protocol": "resumable",
+            "x-goog-upload-command": "start",
+            "x-goog-upload-header-content-type": "text/plain",
+        },
+        json={"file": {"display_name": "t"}},
+    )
+    assert r.status_code == 200
+    return str(r.headers["x-goog-upload-url"])
+
+
+def test_an_upload_id_opens_its_own_session_and_nothing_else(gw: Gateway, simulator: SimulatorThread) -> None:
+    """The upload id authenticates key-less chunks of that upload only: not another path, not another method,
+    not a new session, and not after the upload is finalised."""
+    url = _open_upload(gw)
+    upload_id = url.split("upload_id=")[1].split("&")[0]
+    seen = len(simulator.app.received)
+    chunk = {"x-goog-upload-command": "upload", "x-goog-upload-offset": "0"}
+    for method, path, headers in (
+        ("POST", f"/upload/v1beta/fileSearchStores/s1:uploadToFileSearchStore?upload_id={upload_id}", chunk),
+        ("POST", f"/upload/v1beta/anything/else?upload_id={upload_id}", chunk),
+        ("GET", f"/upload/v1beta/files?upload_id={upload_id}", chunk),
+        ("POST", f"/upload/v1beta/files?upload_id={upload_id}", {"x-goog-upload-command": "start"}),
+    ):
+        r = httpx.request(method, f"{gw.url}{path}", headers=headers, content=b"abc")
+        assert r.status_code == 401, (method, path, r.status_code)
+    assert len(simulator.app.received) == seen
+    done = httpx.post(
+        url, headers={"x-goog-upload-command": "upload, finalize", "x-goog-upload-offset": "0"}, content=b"abc"
+    )
+    assert done.status_code == 200
+    again = httpx.post(
+        url, headers={"x-goog-upload-command": "upload, finalize", "x-goog-upload-offset": "0"}, content=b"abc"
+    )
+    assert again.status_code == 401  # the session ended with the upload
+
+
+def test_client_chosen_organisation_and_project_headers_are_not_forwarded(
+    gw: Gateway, simulator: SimulatorThread
+) -> None:
+    client = openai.OpenAI(
+        base_url=f"{gw.url}/v1", api_key=KEYS[SCOPE], max_retries=0, organization="org-other", project="proj_other"
+    )
+    client.files.list()
+    seen = simulator.app.received[-1].headers
+    assert "openai-organization" not in seen and "openai-project" not in seen

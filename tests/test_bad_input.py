@@ -172,6 +172,7 @@ def strict(simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
         tmp_path_factory.mktemp("strict"),
         simulator.url,
         server_extra=", unknown_paths: refuse, unmetered_routes: refuse",
+        routes_first='  - {model: "whisper-*", provider: openai}\n',
     ).start()
     yield gateway
     gateway.stop()
@@ -304,3 +305,41 @@ def test_still_serving_after_all_that(gw: Gateway, simulator, tag: str) -> None:
     assert reply.usage.total_tokens > 0
     assert wait_for(lambda: httpx.get(f"http://{gw.metrics_listen}/healthz").status_code == 200)
     assert "Traceback" not in gw.log()
+
+
+def test_calls_answered_without_usage_refused_when_unmetered_routes_are(strict: Gateway, simulator) -> None:  # type: ignore[no-untyped-def]
+    """A whisper transcription asked for as text, or binary gpt-4o-mini-tts audio, carries no usage: known from the
+    request, so `unmetered_routes: refuse` refuses them like any unmetered route."""
+    seen = len(simulator.app.bills)
+    client = oai(strict)
+    with pytest.raises(openai.PermissionDeniedError):
+        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF"), response_format="text")
+    with pytest.raises(openai.PermissionDeniedError):
+        client.audio.speech.create(model="gpt-4o-mini-tts", voice="alloy", input="hi")
+    assert len(simulator.app.bills) == seen
+    # The same calls in a form that reports usage go through.
+    client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF"))
+
+
+def test_background_responses_refused_streamed_too(gw: Gateway) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        oai(gw).responses.create(model="gpt-4o-mini", input="hi", background=True, stream=True)
+    assert info.value.code == "unsupported_feature"
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "n", "stream_options"])
+def test_a_read_field_given_twice_is_refused(gw: Gateway, key: str) -> None:
+    value = b'{"include_usage": true}' if key == "stream_options" else b"1"
+    body = (
+        b'{"model": "gpt-4o-mini", "messages": [], "'
+        + key.encode()
+        + b'": '
+        + value
+        + b', "'
+        + key.encode()
+        + b'": '
+        + value
+        + b"}"
+    )
+    r = raw(gw, "/v1/chat/completions", body)
+    assert r.status_code == 400 and "twice" in r.json()["error"]["message"]

@@ -4,6 +4,7 @@ batch price, to the key that created the batch, whether its results pass through
 from __future__ import annotations
 
 import io
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -333,3 +334,87 @@ def test_batch_results_of_unknown_batches_pass_untouched(gw: Gateway) -> None:
     """Results of a batch the gateway never saw created are relayed as they are and bill nothing."""
     r = httpx.get(f"{gw.url}/v1/files/file-unknown/content", headers=gw.headers(SCOPE))
     assert r.status_code == 404
+
+
+# --- adversarial review of the batch surface ---------------------------------------------------------------------
+
+
+def test_batch_created_by_a_client_that_hung_up_is_still_billed(
+    gw: Gateway, simulator: SimulatorThread, tag: str
+) -> None:
+    """The creator hangs up before the creation answer arrives: the gateway reads that answer anyway (the batch
+    must be known to be billed), then bills its results when they are read, here through the gateway."""
+    client = oai(gw, tag)
+    file_id = openai_batch_file(client, 3)
+    body = orjson.dumps({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    before = gw.metrics()
+    host, port = gw.listen.split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(
+            b"POST /v1/batches HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
+            + KEYS[SCOPE].encode()
+            + b"\r\nContent-Type: application/json\r\nx-sim-delay-ms: 300\r\nx-sim-tag: "
+            + tag.encode()
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        time.sleep(0.1)  # the request is forwarded; the answer is not there yet
+    bills = [b for b in simulator.app.billed(tag) if b.batch]
+    assert wait_for(lambda: len([b for b in simulator.app.billed(tag) if b.batch]) == 3)
+    assert_batch_billed(
+        gw, before, [b for b in simulator.app.billed(tag) if b.batch] or bills, "/v1/batches", "gpt-4o-mini"
+    )
+
+
+def test_gemini_requests_sharing_a_key_are_each_billed(gw: Gateway, simulator: SimulatorThread, tag: str) -> None:
+    """`metadata.key` is the client's to choose and need not be unique: it does not decide what was billed."""
+    before = gw.metrics()
+    requests = [
+        {"request": {"contents": [{"role": "user", "parts": [{"text": f"q{i}"}]}]}, "metadata": {"key": "same"}}
+        for i in range(6)
+    ]
+    r = httpx.post(
+        f"{gw.url}/v1beta/models/gemini-2.5-flash:batchGenerateContent",
+        headers={"x-goog-api-key": KEYS[SCOPE], "x-sim-tag": tag},
+        json={"batch": {"inputConfig": {"requests": {"requests": requests}}}},
+    )
+    assert r.status_code == 200
+    bills = simulator.app.billed(tag)
+    assert len(bills) == 6
+    assert_batch_billed(gw, before, bills, "/v1beta/models/{model}:batchGenerateContent", "gemini-2.5-flash")
+
+
+def test_large_inline_gemini_batch_billed_by_the_poller(gw: Gateway, simulator: SimulatorThread, tag: str) -> None:
+    """A batch object of several hundred kilobytes, never fetched through the gateway: the poller reads it whole."""
+    before = gw.metrics()
+    requests = [{"request": {"contents": [{"role": "user", "parts": [{"text": f"q{i}"}]}]}} for i in range(40)]
+    r = httpx.post(
+        f"{gw.url}/v1beta/models/gemini-2.5-flash:batchGenerateContent",
+        headers={"x-goog-api-key": KEYS[SCOPE], "x-sim-tag": tag, "x-sim-output-tokens": "1500"},
+        json={"batch": {"inputConfig": {"requests": {"requests": requests}}}},
+    )
+    assert r.status_code == 200
+    name = r.json()["name"]
+    assert len(orjson.dumps(simulator.app.resources._gemini_batch(simulator.app.resources.batches[name]))) > 300_000
+    assert_batch_billed(
+        gw, before, simulator.app.billed(tag), "/v1beta/models/{model}:batchGenerateContent", "gemini-2.5-flash"
+    )
+
+
+@pytest.mark.parametrize("query", ["fields=metadata.output", "alt=proto", "%24fields=name", "callback=x"])
+def test_gemini_batch_reads_that_would_hide_results_are_refused(gw: Gateway, query: str) -> None:
+    r = httpx.get(f"{gw.url}/v1beta/batches/abc?{query}", headers={"x-goog-api-key": KEYS[SCOPE]})
+    assert r.status_code == 400 and r.json()["error"]["status"] == "INVALID_ARGUMENT"
+
+
+def test_batches_of_unrouted_models_are_refused(gw: Gateway, simulator: SimulatorThread) -> None:
+    seen = len(simulator.app.bills)
+    r = httpx.post(
+        f"{gw.url}/v1beta/models/unrouted-model:batchGenerateContent",
+        headers={"x-goog-api-key": KEYS[SCOPE]},
+        json={"batch": {"inputConfig": {"requests": {"requests": []}}}},
+    )
+    assert r.status_code == 404 and r.json()["error"]["status"] == "NOT_FOUND"
+    assert len(simulator.app.bills) == seen

@@ -281,3 +281,53 @@ def test_imagen_predict_per_image(gw: Gateway, simulator: SimulatorThread, tag: 
     bills = simulator.app.billed(tag)
     assert media_cost(bills[0]) == Decimal("0.12")
     assert_billed(gw, before, bills, "/v1beta/models/{model}:predict", "imagen-4.0-generate", unit="image")
+
+
+# --- adversarial review of the media surface -----------------------------------------------------------------------
+
+
+def test_image_request_without_a_model_is_refused(gw: Gateway, simulator: SimulatorThread) -> None:
+    """The API's default model depends on the other parameters (DALL-E 2, or a GPT image model when one of theirs
+    is present): the gateway does not guess, it asks for the model."""
+    seen = len(simulator.app.bills)
+    r = httpx.post(
+        f"{gw.url}/v1/images/generations",
+        headers=gw.headers(SCOPE),
+        json={"prompt": "a stop sign", "quality": "high", "size": "1024x1536"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_model"
+    assert len(simulator.app.bills) == seen
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "multipart/form-data; boundary=A; boundary=B",
+        "multipart/form-data; boundary=A; BOUNDARY=B",
+        "multipart/form-data; boundary=A; boundary*=utf-8''B",
+    ],
+)
+def test_multipart_whose_boundary_parsers_could_disagree_on_is_refused(gw: Gateway, content_type: str) -> None:
+    body = (
+        b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\ndall-e-2\r\n--B--\r\n'
+        b'--A\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-image-1\r\n'
+        b'--A\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--A--\r\n'
+    )
+    r = httpx.post(
+        f"{gw.url}/v1/images/edits", content=body, headers={**gw.headers(SCOPE), "content-type": content_type}
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_multipart_with_text_around_its_parts_is_refused(gw: Gateway) -> None:
+    request = httpx.Request(
+        "POST", f"{gw.url}/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")}, data={"model": "whisper-1"}
+    )
+    body = request.read()
+    for tampered in (b"preamble\r\n" + body, body + b"\r\n--x\r\nmore"):
+        r = httpx.post(
+            request.url,
+            content=tampered,
+            headers={**gw.headers(SCOPE), "content-type": request.headers["content-type"]},
+        )
+        assert r.status_code == 400, tampered[:40]

@@ -212,3 +212,32 @@ def test_browser_subprotocol_key_is_accepted_and_never_forwarded(gw: Gateway, si
     seen = simulator.app.handshakes[-1]
     assert seen["subprotocols"] == ["realtime"] and KEYS[SCOPE] not in str(seen)
     assert seen["headers"]["authorization"] == "Bearer sk-sim-openai"
+
+
+def test_oversized_frames_and_too_many_sessions_are_refused(
+    simulator: SimulatorThread, tmp_path: Path, tag: str
+) -> None:
+    gateway = make_gateway(
+        tmp_path, simulator.url, server_extra=", max_ws_message_bytes: 65536, max_sessions_per_key: 2"
+    ).start()
+    try:
+        url = gateway.url.replace("http", "ws") + "/v1/realtime?model=gpt-realtime"
+        headers = {**gateway.headers(SCOPE), "x-sim-tag": tag}
+        with websockets.sync.client.connect(url, additional_headers=headers, max_size=None) as ws:
+            ws.recv()
+            ws.send('{"type": "input_audio_buffer.append", "audio": "' + "A" * 100_000 + '"}')
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+                ws.recv(timeout=5)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1009  # message too big
+        with (
+            websockets.sync.client.connect(url, additional_headers=headers),
+            websockets.sync.client.connect(url, additional_headers=headers),
+        ):
+            with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+                websockets.sync.client.connect(url, additional_headers=headers)
+            assert refused.value.response.status_code == 429
+        # Closed sessions free their slots.
+        with websockets.sync.client.connect(url, additional_headers=headers) as ws:
+            assert '"session.created"' in str(ws.recv())
+    finally:
+        gateway.stop()

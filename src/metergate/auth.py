@@ -72,6 +72,10 @@ class KeyRing:
         for sha256, principal in keys.items():
             self._by_hash.setdefault(sha256, principal)
 
+    def holds(self, principal: Principal) -> bool:
+        """Whether a key of this principal is still valid (not revoked since it was seen)."""
+        return principal.key_id == "trusted-header" or principal in self._by_hash.values()
+
     def authenticate(self, headers: Mapping[str, str], query: str) -> Principal | None:
         key = presented_key(headers, query)
         if key is not None:

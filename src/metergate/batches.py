@@ -48,6 +48,7 @@ class BatchItem:
     item: str
     model: str
     usage: Usage
+    error: str | None = None  # the result was billed but its usage could not be read
 
 
 class BatchFormat(ABC):
@@ -211,13 +212,13 @@ class GeminiBatches(BatchFormat):
         response = obj.get("response")
         if not isinstance(response, dict):
             return None
-        metadata = obj.get("metadata")
-        key = obj.get("key") or (metadata.get("key") if isinstance(metadata, dict) else None)
         model = str(response.get("modelVersion") or "")
         usage = API_ADAPTERS["gemini"].usage_from_body(
             self._GENERATE, response, RequestFacts(model=model, stream=False, max_output_tokens=None)
         )
-        return BatchItem(str(key) if key is not None else f"#{index}", model, usage)
+        # By position: a request's `key` is the client's to choose and need not be unique, so it cannot say which
+        # requests were billed already.
+        return BatchItem(f"#{index}", model, usage)
 
     def inline_items(self, obj: Mapping[str, Any]) -> list[BatchItem] | None:
         output = self._output(obj)
@@ -228,7 +229,14 @@ class GeminiBatches(BatchFormat):
             return None
         items = []
         for i, entry in enumerate(inline):
-            if isinstance(entry, dict) and (item := self._item(entry, i)) is not None:
+            if not isinstance(entry, dict):
+                continue
+            try:
+                item = self._item(entry, i)
+            except UsageError as exc:
+                # Billed, but its usage is unreadable: recorded as unmetered rather than blocking the batch.
+                item = BatchItem(f"#{i}", "", Usage(), error=str(exc)[:200])
+            if item is not None:
                 items.append(item)
         return items
 
@@ -379,7 +387,7 @@ class BatchMeter:
     # --- billing -----------------------------------------------------------------------------------------------
 
     async def bill(self, row: BatchRow, items: Iterable[BatchItem]) -> int:
-        items = [i for i in items if not i.usage.is_empty()]
+        items = [i for i in items if not i.usage.is_empty() or i.error is not None]
         if not items:
             return 0
         claimed = set(await self.store.claim(row.provider, row.batch_id, [i.item for i in items]))
@@ -389,7 +397,10 @@ class BatchMeter:
             if item.item not in claimed:
                 continue
             claimed.discard(item.item)  # a repeated id within one read is billed once
-            self.recorder.emit(self._record(row, item, now))
+            record = self._record(row, item, now)
+            if item.error is not None:
+                record.metered, record.error_type = False, "upstream_malformed_usage"
+            self.recorder.emit(record)
             billed += 1
         self.billed_items += billed
         return billed
@@ -437,14 +448,20 @@ class BatchMeter:
                     for row in await self.store.open_batches():
                         if (row.provider, row.batch_id) not in self.known:
                             self._know(row)
-            for key, due in list(self._due.items()):
-                if due > now or key not in self.known:
-                    continue
+            due = [key for key, at in list(self._due.items()) if at <= now and key in self.known]
+            for key in due:
                 self._due[key] = now + self.poll_interval_s
-                try:
-                    await self.poll(self.known[key])
-                except Exception:  # one broken batch must not stop the others
-                    log.exception("batch %s at %s: polling failed", key[1], key[0])
+            # A few at a time: thousands of open batches must not open thousands of calls at once.
+            limit = asyncio.Semaphore(8)
+
+            async def one(key: tuple[str, str], limit: asyncio.Semaphore = limit) -> None:
+                async with limit:
+                    try:
+                        await self.poll(self.known[key])
+                    except Exception:  # one broken batch must not stop the others
+                        log.exception("batch %s at %s: polling failed", key[1], key[0])
+
+            await asyncio.gather(*(one(key) for key in due if key in self.known))
 
     async def poll(self, row: BatchRow) -> bool:
         """Ask the provider about one batch; once it ended, bill its results. True when it is done with."""
@@ -483,8 +500,15 @@ class BatchMeter:
             if response.status != 200:
                 log.warning("batch status %s at %s: HTTP %d", path, upstream.name, response.status)
                 return None
+            data = bytearray()
             try:
-                data = await response.content.read(MAX_BATCH_OBJECT)
+                async for chunk in response.content.iter_any():
+                    data += chunk
+                    if len(data) > MAX_BATCH_OBJECT:
+                        log.warning(
+                            "batch status %s at %s: larger than %d bytes", path, upstream.name, MAX_BATCH_OBJECT
+                        )
+                        return None
                 obj = orjson.loads(data)
             except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError) as exc:
                 log.warning("batch status %s at %s: %s", path, upstream.name, exc)
@@ -499,6 +523,15 @@ class BatchMeter:
             return False
         reader = ResultLines(fmt)
         async with response:
+            if response.status in (404, 410):
+                # The results are gone (expired, deleted elsewhere): what they billed can no longer be read. Said
+                # once, as an unmetered record, rather than asked about forever.
+                log.warning(
+                    "batch %s at %s: its results are gone (HTTP %d)", row.batch_id, upstream.name, response.status
+                )
+                gone = BatchItem("#results-gone", row.model, Usage(), error=f"results answered HTTP {response.status}")
+                await self.bill(row, [gone])
+                return True
             if response.status != 200:
                 log.warning("batch results %s at %s: HTTP %d", path, upstream.name, response.status)
                 return False
@@ -551,6 +584,7 @@ class ResultLines:
         self.items: list[BatchItem] = []
         self._partial = b""
         self._index = 0
+        self._seen: dict[str, int] = {}
         self.errors = 0
 
     def feed(self, chunk: bytes) -> None:
@@ -576,9 +610,15 @@ class ResultLines:
         except (UsageError, orjson.JSONDecodeError, ValueError, TypeError) as exc:
             self.errors += 1
             log.warning("a batch result line could not be metered: %s", str(exc)[:200])
+            item = BatchItem(f"#{index}", "", Usage(), error=str(exc)[:200])
+        if item is None:
             return
-        if item is not None:
-            self.items.append(item)
+        # Ids are unique within a batch by the API's rules; a repeat is still a distinct request, billed as such.
+        seen = self._seen.get(item.item, 0)
+        self._seen[item.item] = seen + 1
+        if seen:
+            item = replace(item, item=f"{item.item}#{seen + 1}")
+        self.items.append(item)
 
     def take(self) -> list[BatchItem]:
         items, self.items = self.items, []
@@ -594,6 +634,8 @@ class BatchObjectTap(JsonUrlTap):
 
     def __init__(self, request: TapRequest, meter: BatchMeter, fmt: BatchFormat, fields: tuple[str, ...] = ()) -> None:
         super().__init__(request, fields)
+        # A batch being created must be seen whole even if its creator hangs up: else it would never be billed.
+        self.drains = True
         self.request = request
         self.meter = meter
         self.fmt = fmt
@@ -631,7 +673,8 @@ class BatchObjectTap(JsonUrlTap):
                         created_at=self.meter.clock(),
                     )
                 )
-        objects = [obj] + [o for o in obj.get("data") or [] if isinstance(o, dict)] if "data" in obj else [obj]
+        listed = obj.get("data") if "data" in obj else obj.get("batches")  # a list: OpenAI, Anthropic / Gemini
+        objects = [obj] + ([o for o in listed if isinstance(o, dict)] if isinstance(listed, list) else [])
         for o in objects:
             seen_id, ended, output_ref = self.fmt.state(o)
             if seen_id is None:
@@ -647,6 +690,7 @@ class BatchResultsTap:
     """Results JSONL on its way to the client: relayed untouched, each line's usage read as it passes."""
 
     rewrites = False
+    drains = False  # what the client did not read, the poller bills
 
     def __init__(self, meter: BatchMeter, row: BatchRow, fmt: BatchFormat) -> None:
         self.meter = meter

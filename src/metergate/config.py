@@ -100,6 +100,9 @@ class ServerConfig(_Model):
     write_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     keepalive_timeout_s: float = Field(default=75.0, gt=0, le=3600)
     max_connections: int = Field(default=4096, ge=16, le=1_000_000)
+    # WebSocket (Realtime) sessions: the largest message relayed either way, and open sessions per key.
+    max_ws_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1 << 30)
+    max_sessions_per_key: int = Field(default=64, ge=1, le=1_000_000)
 
     @field_validator("listen", "metrics_listen")
     @classmethod

@@ -118,7 +118,7 @@ POST    /v1/uploads/{upload_id}/parts                   free
 POST    /v1/uploads/{upload_id}/complete                free
 POST    /v1/uploads/{upload_id}/cancel                  free
 POST    /v1/batches                                     deferred tap=openai_batch
-GET     /v1/batches                                     free
+GET     /v1/batches                                     free tap=openai_batch
 GET     /v1/batches/{batch_id}                          free tap=openai_batch
 POST    /v1/batches/{batch_id}/cancel                   free tap=openai_batch
 *       /v1/vector_stores                               free
@@ -204,7 +204,7 @@ DELETE  /openai/files/{file_id}                                 free tap=openai_
 *       /openai/files/{file_id}                                 free
 GET     /openai/files/{file_id}/content                         free tap=openai_file_content
 POST    /openai/batches                                         deferred tap=openai_batch
-GET     /openai/batches                                         free
+GET     /openai/batches                                         free tap=openai_batch
 GET     /openai/batches/{batch_id}                              free tap=openai_batch
 POST    /openai/batches/{batch_id}/cancel                       free tap=openai_batch
 """
@@ -271,7 +271,7 @@ GET     /{v}/models/{model}                             free
 GET     /download/{v}/files/{file}:download             free tap=gemini_download
 GET     /{v}/files/{file}:download                      free tap=gemini_download
 POST    /upload/{v}/files                               free tap=gemini_upload
-GET     /{v}/batches                                    free
+GET     /{v}/batches                                    free tap=gemini_batch
 *       /{v}/batches/{batch}                            free tap=gemini_batch
 POST    /{v}/batches/{batch}:cancel                     free tap=gemini_batch
 *       /{v}/operations                                 free

@@ -53,6 +53,11 @@ DROP_REQUEST = frozenset(
         "x-api-key",
         "api-key",
         "x-goog-api-key",
+        # Which organisation or project a provider credential acts for is the operator's choice (its own provider
+        # entry), never a client's: with a multi-project credential these would let a key pick who is billed.
+        "openai-organization",
+        "openai-project",
+        "x-goog-user-project",
     }
 )
 _DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "trailer"})

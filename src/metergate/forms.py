@@ -24,6 +24,7 @@ class Form:
     fields: dict[str, str] = field(default_factory=dict)
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     files: int = 0  # file parts seen
+    file_bytes: int = 0  # their total size
 
     def get(self, name: str) -> str | None:
         return self.fields.get(name)
@@ -35,10 +36,18 @@ def is_multipart(content_type: str) -> bool:
 
 def read_form(content_type: str, body: bytes, read: frozenset[str]) -> Form:
     """The text fields of a multipart body; raises GatewayError(400) on a body a provider could read otherwise."""
+    names = [p.split("=", 1)[0].strip().lower() for p in content_type.split(";")[1:]]
+    if len(names) != len(set(names)) or any(name.endswith("*") for name in names):
+        # `boundary=A; boundary=B`: parsers disagree on which counts, so they would read different parts.
+        raise _invalid("its Content-Type repeats a parameter or uses an extended (name*=) one")
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
         raise _invalid("the Content-Type has no boundary")
+    delimiter = b"--" + boundary
+    if not body.startswith(delimiter) or not body.rstrip(b"\r\n").endswith(delimiter + b"--"):
+        # Text before the first delimiter or after the last is ignored by one parser and may be parts to another.
+        raise _invalid("it has text before its first boundary or after its closing one")
     form = Form()
     state = _PartState()
 
@@ -78,6 +87,8 @@ def read_form(content_type: str, body: bytes, read: frozenset[str]) -> Form:
             raise _invalid(f"the field {state.name!r} is given twice")
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
+        if state.is_file:
+            form.file_bytes += end - start
         if not state.reading:
             return
         if state.value_start is None:

@@ -103,7 +103,14 @@ class Gateway:
                 ctx.body = dict(ctx.form.fields)
             else:
                 ctx.body = _json_object(ctx.raw_body)
-            ctx.facts = facts = adapter.request_facts(endpoint, ctx.body, ctx.match.path_model)
+            upload = ctx.form.file_bytes if ctx.form is not None else 0
+            ctx.facts = facts = adapter.request_facts(endpoint, ctx.body, ctx.match.path_model, upload)
+            if facts.unmetered is not None and self.config.server.unmetered_routes == "refuse":
+                raise GatewayError(
+                    403,
+                    "unmetered_route",
+                    f"This request's answer carries no usage ({facts.unmetered}), and this gateway refuses such calls.",
+                )
             ctx.route = route = self.router.require(facts.model, ctx.match)
             ctx.upstream_body = self._upstream_body(ctx, route, facts)
             if endpoint.operation not in ("embed", "batch_embed"):
@@ -394,8 +401,24 @@ class Gateway:
 MAX_JSON_CONTAINERS = 1_000_000
 # A key the gateway reads, given twice: parsers disagree on which one counts (last here, first in some), so such a
 # body is refused rather than priced as one model and run as another. Escaped ASCII in a key can hide a repeat.
-_READ_KEYS = (b'"model"', b'"stream"')
+_READ_KEYS = re.compile(
+    rb'"(model|stream|stream_options|include_usage|n|best_of|max_tokens|max_completion_tokens|max_output_tokens'
+    rb"|background|generationConfig|generation_config|maxOutputTokens|candidateCount|candidate_count"
+    rb'|stream_format|size|quality)"\s*:'
+)
 _ESCAPED_ASCII = re.compile(rb"\\u00(?:6[1-9a-fA-F]|7[0-9aA])")  # an escaped a-z
+
+
+def _repeats_a_read_key(body: bytes) -> bool:
+    """Whether a key the gateway reads appears twice anywhere in the body (cheap, may say yes for keys in
+    different objects; the exact check follows only then)."""
+    seen: set[bytes] = set()
+    for m in _READ_KEYS.finditer(body):
+        key = m.group(1)
+        if key in seen:
+            return True
+        seen.add(key)
+    return False
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -411,7 +434,7 @@ def _json_object(body: bytes) -> dict[str, Any]:
         raise GatewayError(400, "invalid_json", f"The request body is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
-    if any(body.count(key) > 1 for key in _READ_KEYS) or (b"\\u00" in body and _ESCAPED_ASCII.search(body)):
+    if _repeats_a_read_key(body) or (b"\\u00" in body and _ESCAPED_ASCII.search(body)):
         _refuse_repeated_keys(body)
     return parsed
 

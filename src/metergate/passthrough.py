@@ -32,7 +32,7 @@ from metergate.exchange import (
     upstream_error_type,
 )
 from metergate.labels import LabelPolicy
-from metergate.providers import Upstream
+from metergate.providers import API_ADAPTERS, Upstream
 from metergate.routing import Router
 from metergate.usage import Usage
 
@@ -43,6 +43,9 @@ class ResponseTap(Protocol):
     """Reads (and may rewrite) a forwarded response on its way to the client."""
 
     rewrites: bool  # the body relayed can differ from the provider's (then its length is recomputed)
+    # The tap bills from the whole body (a batch being created): it is read to the end even when the client has
+    # gone, for at most drain_timeout_s.
+    drains: bool
 
     def response_headers(self, status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]: ...
 
@@ -143,9 +146,13 @@ class Passthrough:
                 "unmetered_route",
                 f"{endpoint.label} is billed in a way metergate cannot meter, and this gateway refuses such calls.",
             )
+        if endpoint.tap is not None:
+            API_ADAPTERS[ctx.family].vet_forwarded(endpoint, req.query, req.headers)
         model = ctx.match.params.get("model")
-        route = self.router.resolve(model, ctx.match) if model else None
-        upstream = route.upstream if route is not None else self.router.for_path(req.path, ctx.match)
+        # A route naming a model (a Gemini batch, Veo) goes only where the routes send that model.
+        upstream = (
+            self.router.require(model, ctx.match).upstream if model else self.router.for_path(req.path, ctx.match)
+        )
         if upstream is None:
             raise GatewayError(
                 404,
@@ -199,15 +206,22 @@ class Passthrough:
         await out.start(status, headers)
         error_type = upstream_error_type(status) if status >= 400 else None
         complete = False
+        drain = tap is not None and tap.drains
+        deadline: float | None = None
         try:
             async for chunk in response.content.iter_any():
                 if ctx.ttft is None:
                     ctx.ttft = time.perf_counter() - ctx.started
                 if tap is not None:
                     chunk = tap.feed(chunk)
-                if chunk:
-                    await out.send(chunk, more=True)
-                if out.disconnected:
+                if deadline is None:
+                    if chunk:
+                        await out.send(chunk, more=True)
+                    if out.disconnected:
+                        if not drain:
+                            break
+                        deadline = time.monotonic() + self.config.server.drain_timeout_s
+                elif time.monotonic() > deadline:
                     break
             else:
                 complete = True
@@ -219,7 +233,7 @@ class Passthrough:
         tail = tap.finish(complete) if tap is not None else b""
         await out.send(tail)
         code = status
-        if out.disconnected and not complete:
+        if out.disconnected and (deadline is not None or not complete):
             code, error_type = 499, error_type or "client_disconnected"
         elif error_type in ("upstream_timeout", "upstream_reset"):
             code = 504 if error_type == "upstream_timeout" else 502

@@ -43,8 +43,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-# Frames up to this size are relayed (a second of 24 kHz PCM audio, base64, is ~64 KB).
-MAX_FRAME_BYTES = 64 * 1024 * 1024
 _HANDSHAKE = frozenset(
     {
         "sec-websocket-key",
@@ -101,6 +99,7 @@ class RealtimeRelay:
         self.next_id = next_id
         self.clock = clock
         self.sessions = 0
+        self._per_key: dict[str, int] = {}  # open sessions by key id
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -128,6 +127,7 @@ class RealtimeRelay:
         await send({"type": "websocket.accept", "subprotocol": offered})
         self.sessions += 1
         principal = session.principal
+        self._per_key[principal.key_id] = self._per_key.get(principal.key_id, 0) + 1
         flight = (
             self.labels.team(principal.team),
             self.labels.app(principal.app),
@@ -140,6 +140,11 @@ class RealtimeRelay:
         finally:
             self.recorder.meter.request_finished(*flight)
             self.sessions -= 1
+            left = self._per_key.get(principal.key_id, 1) - 1
+            if left:
+                self._per_key[principal.key_id] = left
+            else:
+                self._per_key.pop(principal.key_id, None)
             with contextlib.suppress(Exception):
                 await upstream_ws.close()
 
@@ -187,6 +192,13 @@ class RealtimeRelay:
         refusal = self.budgets.refusal(principal)
         if refusal is not None:
             raise refusal
+        if self._per_key.get(principal.key_id, 0) >= self.config.server.max_sessions_per_key:
+            raise GatewayError(
+                429,
+                "too_many_sessions",
+                f"This key already has {self.config.server.max_sessions_per_key} Realtime sessions open.",
+                code="too_many_sessions",
+            )
         if route.upstream_model != model:
             query = "&".join(
                 f"model={route.upstream_model}" if name == "model" else item for name, item in query_items(query)
@@ -207,7 +219,7 @@ class RealtimeRelay:
                 headers=forward,
                 protocols=offered,
                 autoping=True,
-                max_msg_size=MAX_FRAME_BYTES,
+                max_msg_size=self.config.server.max_ws_message_bytes,
                 compress=0,
             )
         except aiohttp.WSServerHandshakeError as exc:

@@ -12,10 +12,11 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import orjson
 
-from metergate.auth import Principal
+from metergate.auth import KeyRing, Principal
 from metergate.exchange import InboundRequest
 from metergate.passthrough import ResponseTap, TapFactory, TapRequest
 from metergate.query import query_items, query_value
@@ -37,6 +38,7 @@ class JsonUrlTap:
     """Rewrites the named string fields of a JSON object response (top level, or in `data` list items)."""
 
     rewrites = True
+    drains = False
 
     def __init__(self, request: TapRequest, fields: tuple[str, ...]) -> None:
         self._base = request.upstream.config.base_url
@@ -96,39 +98,57 @@ class JsonUrlTap:
         return orjson.dumps(parsed) if changed else body
 
 
+@dataclass(frozen=True, slots=True)
+class _Upload:
+    principal: Principal
+    path: str  # the one path the session's chunks go to
+    expires: float
+
+
 class UploadSessions:
     """Resumable upload sessions the gateway opened, by upload id, with the key that opened them.
 
     google-genai sends the chunks of an upload to the session URL without its API key (the provider authorises
-    them by the upload id), so the gateway attributes them to the key that opened the session; an upload id the
-    gateway never handed out authenticates nobody. Sessions live in this process: behind several replicas, an upload
-    must reach the replica that opened it (or send its key).
+    them by the upload id), so the gateway attributes them to the key that opened the session. Only that: an
+    upload id authenticates POSTs to the session's own path carrying an upload command, only while the opening key
+    is still valid, and only until the upload is finalised or cancelled; an id the gateway never handed out
+    authenticates nobody. Sessions live in this process: behind several replicas, an upload must reach the
+    replica that opened it (or send its key).
     """
 
-    TTL_S = 7 * 86400.0
+    TTL_S = 7 * 86400.0  # Google keeps an unfinished resumable upload for a week
     MAX_SESSIONS = 100_000
+    _COMMANDS = frozenset({"upload", "finalize", "query", "cancel"})
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._sessions: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+    def __init__(self, keys: KeyRing | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._sessions: OrderedDict[str, _Upload] = OrderedDict()
+        self._keys = keys
         self._clock = clock
 
-    def open(self, upload_id: str, principal: Principal) -> None:
-        self._sessions[upload_id] = (principal, self._clock() + self.TTL_S)
+    def open(self, upload_id: str, principal: Principal, path: str) -> None:
+        self._sessions[upload_id] = _Upload(principal, path, self._clock() + self.TTL_S)
         self._sessions.move_to_end(upload_id)
         while len(self._sessions) > self.MAX_SESSIONS:
             self._sessions.popitem(last=False)
 
+    def close(self, upload_id: str) -> None:
+        self._sessions.pop(upload_id, None)
+
     def authenticate(self, req: InboundRequest) -> Principal | None:
         """The principal of a key-less upload request to a session this gateway opened."""
-        if not req.path.startswith("/upload/") or "upload_id" not in req.query:
+        if req.method not in ("POST", "PUT") or not req.path.startswith("/upload/") or "upload_id" not in req.query:
             return None
-        if req.headers.get("x-goog-upload-command", "").strip().lower() == "start":
-            return None  # opening a session needs a key
-        upload_id = _upload_id(req.query)
-        found = self._sessions.get(upload_id or "")
-        if found is None or found[1] < self._clock():
+        commands = {c.strip().lower() for c in req.headers.get("x-goog-upload-command", "").split(",")}
+        if not commands or not commands <= self._COMMANDS:
+            return None  # opening a session (`start`), or anything that is not a chunk, needs a key
+        upload_id = _upload_id(req.query) or ""
+        found = self._sessions.get(upload_id)
+        if found is None or found.path != req.path or found.expires < self._clock():
             return None
-        return found[0]
+        if self._keys is not None and not self._keys.holds(found.principal):
+            self.close(upload_id)  # the key was revoked since
+            return None
+        return found.principal
 
 
 def _upload_id(query: str) -> str | None:
@@ -143,22 +163,27 @@ class UploadUrlTap:
     remembered with the key that opened it."""
 
     rewrites = False
+    drains = False
 
     def __init__(self, request: TapRequest, sessions: UploadSessions) -> None:
         self._base = request.upstream.config.base_url
         self._public = request.public_url
         self._principal = request.ctx.principal
         self._sessions = sessions
+        self._upload_id = _upload_id(request.req.query)  # a chunk of an open session
 
     def response_headers(self, status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         out = []
         for name, value in headers:
             if name == b"x-goog-upload-url":
                 url = gateway_url(value.decode("latin-1"), self._base, self._public)
-                upload_id = _upload_id(url.partition("?")[2])
-                if upload_id and self._principal is not None:
-                    self._sessions.open(upload_id, self._principal)
+                path, _, query = url.partition("?")
+                upload_id = _upload_id(query)
+                if upload_id and self._principal is not None and path.startswith(self._public):
+                    self._sessions.open(upload_id, self._principal, path[len(self._public) :])
                 value = url.encode("latin-1")
+            elif name == b"x-goog-upload-status" and self._upload_id and value.lower() in (b"final", b"cancelled"):
+                self._sessions.close(self._upload_id)
             out.append((name, value))
         return out
 

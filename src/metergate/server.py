@@ -35,7 +35,7 @@ from metergate.metrics import Meter
 from metergate.passthrough import Passthrough
 from metergate.pricing import PriceBook
 from metergate.providers import build_upstream
-from metergate.realtime import MAX_FRAME_BYTES, RealtimeRelay
+from metergate.realtime import RealtimeRelay
 from metergate.rewrite import UploadSessions, url_taps
 from metergate.routing import Router
 
@@ -159,7 +159,7 @@ def build_runtime(config: Config) -> Runtime:
     clients = UpstreamClients(config, upstreams)
     router = Router(config.routes, upstreams)
     relay = Gateway(config, prices, labels, router, clients, recorder)
-    uploads = UploadSessions()
+    uploads = UploadSessions(keys)
     batch_store = LedgerBatchStore(ledger) if ledger is not None else MemoryBatchStore()
     batches = BatchMeter(
         recorder, labels, clients, upstreams, batch_store, config.batches.poll_interval_s, guard.clock.time
@@ -234,7 +234,12 @@ class ListenError(Exception):
 
 
 def _uvicorn_config(
-    app: object, listen: str, graceful_s: float, protocol: type[asyncio.Protocol], keepalive_s: float
+    app: object,
+    listen: str,
+    graceful_s: float,
+    protocol: type[asyncio.Protocol],
+    keepalive_s: float,
+    ws_max_bytes: int = 1024 * 1024,
 ) -> uvicorn.Config:
     host, port = parse_hostport(listen)
     return uvicorn.Config(
@@ -253,7 +258,7 @@ def _uvicorn_config(
         timeout_keep_alive=math.ceil(keepalive_s),
         backlog=4096,
         ws="websockets-sansio",
-        ws_max_size=MAX_FRAME_BYTES,
+        ws_max_size=ws_max_bytes,
     )
 
 
@@ -330,6 +335,7 @@ async def serve(
             server.shutdown_timeout_s,
             api_protocol,
             server.keepalive_timeout_s,
+            server.max_ws_message_bytes,
         )
     )
     metrics = SignalFreeServer(

@@ -270,10 +270,10 @@ class Store(ABC):
             ),
         )
 
-    def open_batches(self, limit: int = 10_000) -> list[BatchRow]:
+    def open_batches(self) -> list[BatchRow]:
         rows = self._execute(
             "SELECT provider, batch_id, family, team, app, key_id, endpoint, model, created_at, output_ref "
-            f"FROM batches WHERE finished_at IS NULL ORDER BY created_at LIMIT {int(limit)}"
+            "FROM batches WHERE finished_at IS NULL ORDER BY created_at"
         )
         return [BatchRow(*row) for row in rows]
 

@@ -186,7 +186,9 @@ class MessagesStreamMeter(SSEStreamMeter):
 class AnthropicApi(ApiAdapter):
     family = "anthropic"
 
-    def request_facts(self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None) -> RequestFacts:
+    def request_facts(
+        self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None, upload_bytes: int = 0
+    ) -> RequestFacts:
         return RequestFacts(
             model=read_model(body.get("model")),
             stream=read_flag(body, "stream"),

@@ -48,6 +48,9 @@ class RequestFacts:
     image_quality: str | None = None
     response_format: str | None = None
     request_units: dict[str, int] | None = None
+    # Why the response to this request will carry no usage (a plain-text transcription, binary TTS audio), known
+    # before it is sent: such requests count as unmetered routes.
+    unmetered: str | None = None
 
 
 class StreamMeter(ABC):
@@ -109,13 +112,21 @@ class ApiAdapter(ABC):
         (for example a field mask that drops the usage). The default accepts everything."""
         return None
 
+    def vet_forwarded(self, endpoint: Endpoint, query: str, headers: Mapping[str, str]) -> None:
+        """Raises GatewayError(400) for a parameter that would reshape a forwarded response the gateway must read
+        (a batch object, batch results). The default accepts everything."""
+        return None
+
     def form_fields(self, endpoint: Endpoint) -> frozenset[str] | None:
         """The text fields to read when the route takes multipart/form-data (file uploads); None: JSON only."""
         return None
 
     @abstractmethod
-    def request_facts(self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None) -> RequestFacts:
-        """Reads the request; raises GatewayError(400) if it lacks what the API requires (a model)."""
+    def request_facts(
+        self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None, upload_bytes: int = 0
+    ) -> RequestFacts:
+        """Reads the request; raises GatewayError(400) if it lacks what the API requires (a model).
+        `upload_bytes`: the size of the files a multipart request uploads (a bound on what processing them costs)."""
 
     @abstractmethod
     def upstream_body(self, body: dict[str, Any], facts: RequestFacts, upstream_model: str | None) -> dict[str, Any]:

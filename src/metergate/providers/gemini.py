@@ -307,7 +307,25 @@ class GeminiApi(ApiAdapter):
             if name == "alt" and query_value(item) not in ("json", "sse"):
                 raise bad_request("alt: expected json or sse", "invalid_query")
 
-    def request_facts(self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None) -> RequestFacts:
+    def vet_forwarded(self, endpoint: Endpoint, query: str, headers: Mapping[str, str]) -> None:
+        # A forwarded response the gateway reads (a batch and its results) must come whole and as JSON: the same
+        # system parameters that could hide usageMetadata could hide a batch's results.
+        if "x-goog-fieldmask" in headers:
+            raise bad_request(
+                "The X-Goog-FieldMask header is not accepted by metergate on this route.", "invalid_query"
+            )
+        for name, item in query_items(query):
+            bare = name.removeprefix("$")
+            if bare in ("fields", "callback"):
+                raise bad_request(
+                    f"The query parameter {name!r} is not accepted by metergate on this route.", "invalid_query"
+                )
+            if bare == "alt" and query_value(item) not in ("json", "media", "sse"):
+                raise bad_request("alt: expected json or media on this route", "invalid_query")
+
+    def request_facts(
+        self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None, upload_bytes: int = 0
+    ) -> RequestFacts:
         assert path_model is not None  # Gemini routes always carry the model in the path
         # Protobuf's JSON mapping accepts each field in lowerCamelCase and in its proto name, and integers as
         # strings: the gateway reads what the API reads, and refuses a field given twice.

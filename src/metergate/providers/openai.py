@@ -286,18 +286,21 @@ class OpenAIApi(ApiAdapter):
     def form_fields(self, endpoint: Endpoint) -> frozenset[str] | None:
         return FORM_FIELDS if endpoint.operation in FORM_OPS else None
 
-    def request_facts(self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None) -> RequestFacts:
+    def request_facts(
+        self, endpoint: Endpoint, body: dict[str, Any], path_model: str | None, upload_bytes: int = 0
+    ) -> RequestFacts:
         if endpoint.operation in MEDIA_OPS:
-            return media_request_facts(endpoint, body, path_model)
+            return media_request_facts(endpoint, body, path_model, upload_bytes)
         # Azure deployment paths name the deployment in the path and may leave `model` out of the body.
         model = path_model if path_model is not None else read_model(body.get("model"))
         stream = read_flag(body, "stream")
-        if endpoint.operation == "responses" and read_flag(body, "background") and not stream:
-            # A background response answers before it runs, without usage, and is read back later: until the
-            # gateway meters that read-back, it would be unmetered spend.
+        if endpoint.operation == "responses" and read_flag(body, "background"):
+            # A background response runs on after the call ends (for minutes, streamed or not) and is read back
+            # later through routes that carry no usage: until the gateway meters that read-back, it would be
+            # unmetered spend.
             raise bad_request(
                 "background: background responses are not supported through metergate yet; "
-                "stream the response instead (stream: true, background: true is accepted)",
+                "send the request without background",
                 "unsupported_feature",
             )
         caps = [

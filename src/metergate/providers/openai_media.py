@@ -50,16 +50,15 @@ _STREAM_USAGE_EVENTS = frozenset(
 )
 
 
-def media_request_facts(endpoint: Endpoint, body: Mapping[str, Any], path_model: str | None) -> RequestFacts:
+def media_request_facts(
+    endpoint: Endpoint, body: Mapping[str, Any], path_model: str | None, upload_bytes: int = 0
+) -> RequestFacts:
     """Facts of a media request; `body` is the JSON body or the multipart form's text fields (strings)."""
     op = endpoint.operation
-    if path_model is not None:
-        model = path_model
-    elif op in IMAGE_OPS and body.get("model") is None:
-        # The API's own default: DALL-E 2 (generations and variations) when the request names no model.
-        model = "dall-e-2"
-    else:
-        model = read_model(body.get("model"))
+    # An image request must name its model: the API's default depends on which other parameters are sent (DALL-E
+    # 2, or a GPT image model when a parameter only they take is present), and guessing wrong prices a $0.25
+    # image at nothing.
+    model = path_model if path_model is not None else read_model(body.get("model"))
     stream = _flag(body.get("stream"), "stream")
     facts = RequestFacts(model=model, stream=stream, max_output_tokens=None)
     if op in IMAGE_OPS:
@@ -73,6 +72,11 @@ def media_request_facts(endpoint: Endpoint, body: Mapping[str, Any], path_model:
     if op in ("transcription", "translation"):
         fmt = body.get("response_format")
         facts.response_format = fmt if isinstance(fmt, str) else "json"
+        if model.startswith("whisper"):
+            # Billed by the second; the worst case: audio no denser than 8 kbit/s (1,000 bytes a second).
+            facts.request_units = {"audio_second": max(1, upload_bytes // 1000)}
+            if op == "translation" or facts.response_format in ("text", "srt", "vtt"):
+                facts.unmetered = f"whisper {op}s in {facts.response_format} report no usage"
     if op == "speech":
         text = body.get("input")
         if not isinstance(text, str):
@@ -82,6 +86,8 @@ def media_request_facts(endpoint: Endpoint, body: Mapping[str, Any], path_model:
             facts.request_units = {"character": min(len(text), _MAX_INPUT_CHARS)}
         fmt = body.get("stream_format")
         facts.stream = fmt == "sse"
+        if not facts.request_units and not facts.stream:
+            facts.unmetered = f"{model} reports its usage only with stream_format: sse"
     return facts
 
 
