@@ -1,6 +1,6 @@
 """How much latency metergate adds and how much throughput it keeps, measured side by side in one run.
 
-    python benchmarks/gateway_bench.py [--duration 8] [--budgets]
+    python benchmarks/gateway_bench.py [--duration 8] [--budgets] [--limits local|redis]
 
 Starts the simulated provider and a metergate gateway in front of it (separate processes), then drives both with
 `wrk` (Debian package `wrk`): sequential requests (one connection) for latency percentiles and 32 connections for
@@ -131,9 +131,21 @@ def wrk(url: str, body: str, key: str, connections: int, duration: float, script
     return Result(_ms(p50.group(1)), _ms(p99.group(1)), float(rps.group(1)))
 
 
-def gateway_config(sim_url: str, listen: str, metrics: str, workdir: Path, mode: str) -> str:
+def gateway_config(sim_url: str, listen: str, metrics: str, workdir: Path, mode: str, limits: str = "") -> str:
     digest = hashlib.sha256(GATEWAY_KEY.encode()).hexdigest()
     extra = ""
+    if limits:
+        # Limits far above what the benchmark sends: every request is checked and counted, none refused. Two
+        # entries (a team's requests and tokens, an app's requests) as a real fleet would have.
+        extra += textwrap.dedent(
+            """
+            rate_limits:
+              - {team: bench, requests_per_minute: 100000000, tokens_per_minute: 1000000000000}
+              - {team: bench, app: wrk, requests_per_minute: 100000000}
+            """
+        )
+    if limits == "redis":
+        extra += f'shared_state: {{redis_url: "redis://127.0.0.1:6379/0", key_prefix: "bench{os.getpid()}"}}\n'
     if mode in ("ledger", "budgets"):
         extra += f'ledger: {{url: "sqlite:///{workdir}/ledger.db"}}\n'
     if mode == "budgets":
@@ -178,7 +190,15 @@ def main() -> None:
         metavar="SRC",
         help="also run a gateway from another checkout's src directory (e.g. the previous commit's), side by side",
     )
+    parser.add_argument(
+        "--limits",
+        choices=("local", "redis"),
+        help="run the gateway with rate limits (counted in process, or shared through Redis at 127.0.0.1:6379), "
+        "beside the same gateway without them",
+    )
     args = parser.parse_args()
+    if args.limits and args.compare:
+        raise SystemExit("--limits compares with the same gateway without limits: leave out --compare")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -194,21 +214,27 @@ def main() -> None:
         script = workdir / "post.lua"
         script.write_text(LUA)
         config = workdir / "gateway.yaml"
-        config.write_text(gateway_config(sim_url, f"127.0.0.1:{gw_port}", f"127.0.0.1:{metrics_port}", workdir, mode))
+        config.write_text(
+            gateway_config(
+                sim_url, f"127.0.0.1:{gw_port}", f"127.0.0.1:{metrics_port}", workdir, mode, args.limits or ""
+            )
+        )
         env = dict(os.environ, BENCH_OPENAI_KEY="sk-sim-openai")
         try:
             procs.append(
                 subprocess.Popen([sys.executable, "-m", "metergate.simulator", "--port", str(sim_port)], env=env)
             )
             procs.append(start_gateway(config, env))
-            if args.compare:
+            compare = args.compare or args.limits
+            if compare:
                 base_dir = workdir / "baseline"
                 base_dir.mkdir()
                 base_config = base_dir / "gateway.yaml"
                 base_config.write_text(
                     gateway_config(sim_url, f"127.0.0.1:{base_port}", f"127.0.0.1:{base_metrics_port}", base_dir, mode)
                 )
-                procs.append(start_gateway(base_config, {**env, "PYTHONPATH": str(Path(args.compare).resolve())}))
+                base_env = {**env, "PYTHONPATH": str(Path(args.compare).resolve())} if args.compare else env
+                procs.append(start_gateway(base_config, base_env))
                 wait_http(f"http://127.0.0.1:{base_metrics_port}/healthz")
             if args.nginx:
                 assert nginx is not None
@@ -223,7 +249,7 @@ def main() -> None:
             # Warm both paths (connection pools, price cards, caches).
             wrk(direct, CHAT_BODY, "sk-sim-openai", 4, 1, script)
             wrk(via, CHAT_BODY, GATEWAY_KEY, 4, 1, script)
-            if args.compare:
+            if compare:
                 wrk(via_base, CHAT_BODY, GATEWAY_KEY, 4, 1, script)
             if args.nginx:
                 wrk(via_nginx, CHAT_BODY, "sk-sim-openai", 4, 1, script)
@@ -231,12 +257,12 @@ def main() -> None:
             for label, body in (("non-streaming", CHAT_BODY), ("streaming", STREAM_BODY)):
                 d1 = wrk(direct, body, "sk-sim-openai", 1, args.duration, script)
                 g1 = wrk(via, body, GATEWAY_KEY, 1, args.duration, script)
-                if args.compare:
+                if compare:
                     b1 = wrk(via_base, body, GATEWAY_KEY, 1, args.duration, script)
                 d32 = wrk(direct, body, "sk-sim-openai", 32, args.duration, script)
                 g32 = wrk(via, body, GATEWAY_KEY, 32, args.duration, script)
                 rows.append((label, d1, g1, d32, g32))
-                if args.compare:
+                if compare:
                     b32 = wrk(via_base, body, GATEWAY_KEY, 32, args.duration, script)
                     base_rows.append((label, d1, b1, d32, b32))
                 if args.nginx:
@@ -251,6 +277,8 @@ def main() -> None:
     mode = {"budgets": "budgets + SQLite ledger on", "ledger": "SQLite ledger on", "plain": "no budgets, no ledger"}[
         mode
     ]
+    if args.limits:
+        mode += f"; rate limits {'shared through Redis' if args.limits == 'redis' else 'counted in process'}"
     print(f"\nmetergate gateway benchmark ({mode}; wrk, 1 thread; {args.duration:.0f}s per run)\n")
     header = (
         f"{'call':<21}{'direct p50':>11}{'gw p50':>9}{'added p50':>11}{'added p99':>11}"
@@ -261,11 +289,13 @@ def main() -> None:
     for label, d1, g1, d32, g32 in rows:
         print(_row(label, d1, g1, d32, g32))
     for label, d1, b1, d32, b32 in base_rows:
-        print(_row(f"{label} compared", d1, b1, d32, b32))
+        print(_row(f"{label} {'no limits' if args.limits else 'compared'}", d1, b1, d32, b32))
     for label, d1, n1, d32, n32 in nginx_rows:
         print(_row(f"{label} nginx", d1, n1, d32, n32))
     print("\nadded = gateway minus direct at one connection; kept = gateway rps / direct rps at 32 connections")
-    if base_rows:
+    if base_rows and args.limits:
+        print("no-limits rows: the same gateway without rate limits, run alternately with this one")
+    elif base_rows:
         print(f"compared rows: the gateway from {args.compare}, run alternately with this one")
     if nginx_rows:
         print("nginx rows: one nginx proxy_pass hop (1 worker, keepalive upstream) in place of the gateway")

@@ -257,7 +257,7 @@ def test_budget_for_unknown_app() -> None:
 
 def test_budget_field_errors() -> None:
     assert line_of(VALID, "period: month") == 53
-    message = error_of(replace_line(VALID, 53, "    period: year"))
+    message = error_of(replace_line(VALID, 53, "    period: fortnight"))
     assert "gw.yaml:53: budgets.1.period" in message
     message = error_of(VALID.replace("limit_usd: 1500", "limit_usd: 0"))
     assert "gw.yaml:54: budgets.1.limit_usd: Input should be greater than 0" in message

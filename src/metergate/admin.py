@@ -17,16 +17,25 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl
 
 import orjson
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from metergate import __version__
+from metergate.attribution import unlisted_tag
 from metergate.auth import Principal
 from metergate.budgets import BudgetGuard
-from metergate.config import RESERVED_LABELS, LabelValue, hash_key
+from metergate.config import RESERVED_LABELS, LabelValue, TagKey, TagValue, hash_key
 from metergate.errors import GatewayError
 from metergate.ledger import ApiKey, Ledger, LedgerError
 from metergate.periods import PERIODS, parse_day
-from metergate.reports import build_report, chargeback_markdown, month_bounds, to_csv
+from metergate.reports import (
+    build_report,
+    chargeback_groups,
+    chargeback_markdown,
+    month_bounds,
+    parse_tag_filter,
+    statement_subject,
+    to_csv,
+)
 
 if TYPE_CHECKING:
     from metergate.exchange import RequestBody
@@ -38,6 +47,7 @@ class KeyCreate(BaseModel):
     team: LabelValue
     app: LabelValue
     name: str = Field(default="", max_length=200)
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=64)
 
     @field_validator("team", "app")
     @classmethod
@@ -64,18 +74,29 @@ class KeyInfo(BaseModel):
     sha256_prefix: str
     created_at: float
     revoked_at: float | None
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 class KeyCreated(KeyInfo):
     key: str = Field(description="The key itself. Shown once: only its sha256 is stored.")
 
 
+PeriodName = Literal["day", "week", "month", "quarter", "year"]
+
+
 class BudgetStatus(BaseModel):
-    id: str
-    team: str
+    id: str = Field(description="The budget's counter: `<budget>|<user>` for each user of a per-user budget.")
+    scope: str
+    team: str | None
     app: str | None
-    period: Literal["day", "week", "month"]
+    key: str | None = None
+    user: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    model: str | None = None
+    provider: str | None = None
+    period: PeriodName
     limit_usd: float
+    max_request_usd: float | None = None
     action: Literal["block", "alert"]
     warn_at: float
     spent_usd: float
@@ -88,17 +109,25 @@ class BudgetStatus(BaseModel):
 class SpendRow(BaseModel):
     team: str
     app: str | None
-    period: Literal["day", "week", "month"]
+    period: PeriodName
     spent_usd: float
     forecast_usd: float
 
 
 class ReportRow(BaseModel):
+    """One group of a report: the dimensions asked for in `by` (a user or tag the records lack is null), then the
+    totals. A `tag.<key>` dimension appears under that name."""
+
+    model_config = ConfigDict(extra="allow")
+
     team: str | None = None
     app: str | None = None
     model: str | None = None
     provider: str | None = None
     endpoint: str | None = None
+    key_id: str | None = None
+    upstream_model: str | None = None
+    user: str | None = None
     requests: int
     errors: int
     tokens_in: int
@@ -185,11 +214,14 @@ class AdminApi:
 
     async def _create_key(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
         request = KeyCreate.model_validate_json(body or b"{}")
+        problem = unlisted_tag(request.tags, self.guard.config.attribution.tags)
+        if problem:
+            return 422, {"error": {"message": problem}}, "application/json"
         ledger = self._need_ledger()
-        key, record = new_key(request.team, request.app, request.name)
+        key, record = new_key(request.team, request.app, request.name, request.tags)
         store = await ledger.store()
         await ledger.call(store.add_key, record)
-        self.on_key(record.sha256, Principal(record.team, record.app, record.id))
+        self.on_key(record.sha256, record.principal())
         return 201, KeyCreated(key=key, **_key_info(record).model_dump()).model_dump(), "application/json"
 
     async def _revoke_key(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
@@ -207,7 +239,7 @@ class AdminApi:
     async def _spend(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
         period = params.get("period", "month")
         if period not in PERIODS:
-            raise ValueError("period must be day, week or month")
+            raise ValueError("period must be day, week, month, quarter or year")
         rows = [SpendRow.model_validate(row).model_dump() for row in self.guard.spend_rows(period)]
         return 200, rows, "application/json"
 
@@ -216,23 +248,34 @@ class AdminApi:
         fmt = _format(params, "json", "csv")
         start, end = _dates(params)
         by = [d for d in params.get("by", "team,app,model").split(",") if d]
-        report = await build_report(ledger, start, end, by, self.guard.tz)
+        report = await build_report(ledger, start, end, by, self.guard.tz, report_filters(params))
         if fmt == "csv":
             return 200, to_csv(report), "text/csv; charset=utf-8"
-        return 200, [ReportRow(**row).model_dump(exclude_none=True) for row in report.rows], "application/json"
+        rows = [
+            {**ReportRow(**row).model_dump(exclude_none=True), **{d: row[d] for d in report.by}} for row in report.rows
+        ]
+        return 200, rows, "application/json"
 
     async def _chargeback(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
         ledger = self._need_ledger()
-        team = params.get("team")
-        if not team:
-            raise ValueError("team is required")
+        filters = report_filters(params)
+        if not filters:
+            raise ValueError("team or tag is required (team=search, tag=customer=acme)")
         fmt = _format(params, "markdown", "csv")
         month = params.get("month") or date.today().strftime("%Y-%m")
         start, end = month_bounds(month)
-        report = await build_report(ledger, start, end, ["app", "model"], self.guard.tz, team=team)
+        report = await build_report(ledger, start, end, chargeback_groups(filters), self.guard.tz, filters)
         if fmt == "csv":
             return 200, to_csv(report), "text/csv; charset=utf-8"
-        return 200, chargeback_markdown(team, month, report), "text/markdown; charset=utf-8"
+        return 200, chargeback_markdown(statement_subject(filters), month, report), "text/markdown; charset=utf-8"
+
+
+def report_filters(params: dict[str, str]) -> dict[str, str]:
+    """The `team=` and `tag=KEY=VALUE` query parameters as report filters."""
+    filters = {"team": params["team"]} if params.get("team") else {}
+    if params.get("tag"):
+        filters.update(parse_tag_filter(params["tag"]))
+    return filters
 
 
 def _format(params: dict[str, str], *allowed: str) -> str:
@@ -243,7 +286,7 @@ def _format(params: dict[str, str], *allowed: str) -> str:
     return fmt
 
 
-def new_key(team: str, app: str, name: str = "") -> tuple[str, ApiKey]:
+def new_key(team: str, app: str, name: str = "", tags: dict[str, str] | None = None) -> tuple[str, ApiKey]:
     key = "mg-" + secrets.token_urlsafe(32)
     record = ApiKey(
         id="key_" + secrets.token_hex(6),
@@ -253,6 +296,7 @@ def new_key(team: str, app: str, name: str = "") -> tuple[str, ApiKey]:
         name=name,
         created_at=time.time(),
         revoked_at=None,
+        tags=tuple(sorted((tags or {}).items())),
     )
     return key, record
 
@@ -266,6 +310,7 @@ def _key_info(k: ApiKey) -> KeyInfo:
         sha256_prefix=k.sha256[:12],
         created_at=k.created_at,
         revoked_at=k.revoked_at,
+        tags=dict(k.tags),
     )
 
 
@@ -327,6 +372,10 @@ def openapi_schema() -> dict[str, Any]:
         {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}},
         {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}, "description": "inclusive"},
     ]
+    filter_params = [
+        {"name": "team", "in": "query", "schema": {"type": "string"}},
+        {"name": "tag", "in": "query", "schema": {"type": "string"}, "example": "customer=acme"},
+    ]
     paths = {
         "/admin/keys": {
             "get": {"summary": "List keys (hash prefixes only)", "responses": ok(array("KeyInfo"))},
@@ -349,7 +398,7 @@ def openapi_schema() -> dict[str, Any]:
         "/admin/spend": {
             "get": {
                 "summary": "Spend and forecast per team and budget scope in the current period",
-                "parameters": [{"name": "period", "in": "query", "schema": {"enum": ["day", "week", "month"]}}],
+                "parameters": [{"name": "period", "in": "query", "schema": {"enum": list(PERIODS)}}],
                 "responses": ok(array("SpendRow")),
             }
         },
@@ -358,7 +407,14 @@ def openapi_schema() -> dict[str, Any]:
                 "summary": "Totals from the ledger",
                 "parameters": [
                     *date_param,
-                    {"name": "by", "in": "query", "schema": {"type": "string"}, "example": "team,app,model"},
+                    {
+                        "name": "by",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "example": "team,user,tag.customer",
+                        "description": "team, app, model, provider, endpoint, key_id, upstream_model, user, tag.<key>",
+                    },
+                    *filter_params,
                     {"name": "format", "in": "query", "schema": {"enum": ["json", "csv"]}},
                 ],
                 "responses": ok(array("ReportRow")),
@@ -366,9 +422,9 @@ def openapi_schema() -> dict[str, Any]:
         },
         "/admin/reports/chargeback": {
             "get": {
-                "summary": "A team's monthly chargeback statement",
+                "summary": "A team's or a tag's (customer=acme) monthly chargeback statement; team, tag or both",
                 "parameters": [
-                    {"name": "team", "in": "query", "required": True, "schema": {"type": "string"}},
+                    *filter_params,
                     {"name": "month", "in": "query", "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"}},
                     {"name": "format", "in": "query", "schema": {"enum": ["markdown", "csv"]}},
                 ],

@@ -25,6 +25,7 @@ class Principal:
     team: str
     app: str
     key_id: str
+    tags: tuple[tuple[str, str], ...] = ()  # the key's own attribution tags, sorted by key
 
 
 def presented_key(headers: Mapping[str, str], query: str) -> str | None:
@@ -56,7 +57,9 @@ class KeyRing:
 
     def __init__(self, config: Config) -> None:
         self._trusted_headers = config.server.trusted_headers
-        self._by_hash: dict[str, Principal] = {k.sha256: Principal(k.team, k.app, k.key_id) for k in config.keys}
+        self._by_hash: dict[str, Principal] = {
+            k.sha256: Principal(k.team, k.app, k.key_id, tuple(sorted(k.tags.items()))) for k in config.keys
+        }
         self._static = frozenset(self._by_hash)
 
     def add(self, sha256: str, principal: Principal) -> None:

@@ -424,6 +424,8 @@ class BatchMeter:
             endpoint=row.endpoint,
             code=200,
             stream=False,
+            user=row.user,
+            tags=row.tags,
         )
         if upstream is not None:
             self.recorder.price_usage(record, upstream, model, usage, now)
@@ -671,6 +673,8 @@ class BatchObjectTap(JsonUrlTap):
                         endpoint=ctx.match.endpoint.label,
                         model=model,
                         created_at=self.meter.clock(),
+                        user=ctx.attribution.user,
+                        tags=ctx.attribution.tags,
                     )
                 )
         listed = obj.get("data") if "data" in obj else obj.get("batches")  # a list: OpenAI, Anthropic / Gemini

@@ -18,23 +18,25 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from metergate.auth import Principal
 from metergate.config import BudgetConfig, Config
 from metergate.errors import GatewayError
+from metergate.estimate import worst_case_tokens
 from metergate.forecast import forecast
 from metergate.ledger import Ledger
 from metergate.ledger.store import LedgerError, PostgresStore, Store
 from metergate.periods import PERIODS, Period, Window, window
 from metergate.pricing import PriceBook
+from metergate.scopes import ScopeIndex, Subject, scope_id
 from metergate.usage import INCOMPLETE, Usage, UsageRecord, from_pusd, to_pusd
 
 if TYPE_CHECKING:
@@ -42,16 +44,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("metergate.budgets")
 
-ScopeKey = tuple[str, str]  # (team, app); app "" = the whole team
+ScopeKey = tuple[str, str]  # (team, app); app "" = the whole team; (SCOPED, counter id) for other scopes
+SCOPED = "\0"  # never a team name (label values are printable)
 
 
 def scope_of(budget: BudgetConfig) -> ScopeKey:
-    return (budget.team, budget.app or "")
+    return (budget.team or "", budget.app or "")
 
 
 def budget_id(budget: BudgetConfig) -> str:
-    team, app = scope_of(budget)
-    return f"{team}/{app or '*'}/{budget.period}"
+    return scope_id(budget, budget.period)
 
 
 @dataclass(slots=True)
@@ -59,11 +61,19 @@ class Hold:
     budget: BudgetConfig
     window: Window
     amount_pusd: int
+    counter: str = ""  # the counter's id: the budget's, or `<budget>|<user>` for a per-user budget
     hold_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.counter = self.counter or budget_id(self.budget)
 
     @property
     def window_start(self) -> float:
         return self.window.start_ts
+
+    @property
+    def spend_key(self) -> ScopeKey:
+        return scope_of(self.budget) if self.budget.simple else (SCOPED, self.counter)
 
 
 @dataclass(slots=True)
@@ -80,18 +90,23 @@ class SpendTracker:
     counted twice.
     """
 
-    def __init__(self, tz: ZoneInfo, clock: Clock) -> None:
+    def __init__(self, tz: ZoneInfo, clock: Clock, fiscal_start: int = 1) -> None:
         self.tz = tz
         self.clock = clock
+        self.fiscal_start = fiscal_start
         self._base: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
         self._local: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
         self._mark: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
         self._current: dict[Period, Window] = {}
         self._valid_from = self._valid_until = 0.0  # the span in which all of _current's periods hold
+        self.closed_months = ClosedMonths()
 
     def windows(self, at: datetime | None = None) -> dict[Period, Window]:
         at = at or self.clock.now()
-        return {p: window(p, at, self.tz) for p in PERIODS}
+        return {p: window(p, at, self.tz, self.fiscal_start) for p in PERIODS}
+
+    def window(self, period: Period, at: datetime | None = None) -> Window:
+        return window(period, at or self.clock.now(), self.tz, self.fiscal_start)
 
     def current(self, ts: float | None = None) -> dict[Period, Window]:
         """The periods containing `ts` (default: now); reused while they last instead of recomputed."""
@@ -106,40 +121,64 @@ class SpendTracker:
             self._current, self._valid_from, self._valid_until = windows, start, end
         return windows
 
-    def observe(self, record: UsageRecord) -> None:
+    def observe(self, record: UsageRecord, scoped: Sequence[tuple[Period, str]] = ()) -> None:
+        """Count a record under its team and app, and under the counters of the other scopes it matched."""
         cost = record.cost_pusd
         if not cost:
             return
-        for period, w in self.current(record.started_at).items():
+        windows = self.current(record.started_at)
+        for period, w in windows.items():
             bucket = self._local.setdefault((period, w.start_ts), {})
             for key in ((record.team, record.app), (record.team, "")):
                 bucket[key] = bucket.get(key, 0) + cost
+        for period, counter in scoped:
+            bucket = self._local.setdefault((period, windows[period].start_ts), {})
+            key = (SCOPED, counter)
+            bucket[key] = bucket.get(key, 0) + cost
 
     def spent_pusd(self, team: str, app: str, period: Period, w: Window | None = None) -> int:
+        return self.spent((team, app), period, w)
+
+    def spent(self, scope: ScopeKey, period: Period, w: Window | None = None) -> int:
         w = w or self.current()[period]
         key = (period, w.start_ts)
-        scope = (team, app)
         return (
             self._base.get(key, _EMPTY).get(scope, 0)
             + self._local.get(key, _EMPTY).get(scope, 0)
             - self._mark.get(key, _EMPTY).get(scope, 0)
         )
 
-    async def resync(self, ledger: Ledger) -> None:
+    def counters(self, period: Period, w: Window, prefix: str) -> dict[str, int]:
+        """The scoped counters of one period whose id starts with `prefix`, with their spend (per-user budgets)."""
+        key = (period, w.start_ts)
+        found = {
+            counter
+            for d in (self._base.get(key, _EMPTY), self._local.get(key, _EMPTY))
+            for marker, counter in d
+            if marker == SCOPED and counter.startswith(prefix)
+        }
+        return {c: self.spent((SCOPED, c), period, w) for c in found}
+
+    async def resync(self, ledger: Ledger, scoped: ScopedTotals | None = None) -> None:
         # The snapshot and the ledger's pending batch are taken in the same instant (no await in between), and
         # the queries run right after that batch is written: every record counted locally so far is in the
         # totals, and none observed later is.
         marks = {k: dict(v) for k, v in self._local.items()}
         windows = self.windows(self.clock.now())
 
+        scoped_totals = scoped
+
         def totals(store: Store) -> dict[tuple[Period, float], dict[ScopeKey, int]]:
             base: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
             for period, w in windows.items():
-                per_app = store.spend(w.start_ts, w.end_ts)
-                scoped = dict(per_app)
+                per_app = self.closed_months.spend(store, "", w, windows["month"], store.spend)
+                team_app = dict(per_app)
                 for (team, _), pusd in per_app.items():
-                    scoped[(team, "")] = scoped.get((team, ""), 0) + pusd
-                base[(period, w.start_ts)] = scoped
+                    team_app[(team, "")] = team_app.get((team, ""), 0) + pusd
+                base[(period, w.start_ts)] = team_app
+            if scoped_totals is not None:
+                for key, counters in scoped_totals(store, windows).items():
+                    base.setdefault(key, {}).update(counters)
             return base
 
         base = await ledger.flush_then(totals)
@@ -153,11 +192,41 @@ class SpendTracker:
     def teams(self) -> set[str]:
         found: set[str] = set()
         for d in (*self._base.values(), *self._local.values()):
-            found.update(t for t, _ in d)
+            found.update(t for t, _ in d if t != SCOPED)
         return found
 
 
 _EMPTY: dict[ScopeKey, int] = {}
+K = TypeVar("K")
+
+
+class ClosedMonths:
+    """Quarter and year totals as the months before the current one (read once: they no longer change) plus the
+    current month, so a year budget does not read a year of ledger rows every refresh."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, float, float], dict[Any, int]] = {}
+
+    def spend(
+        self, store: Store, name: str, w: Window, month: Window, query: Callable[[float, float], dict[K, int]]
+    ) -> dict[K, int]:
+        if w.period not in ("quarter", "year") or month.start_ts <= w.start_ts:
+            return query(w.start_ts, w.end_ts)
+        key = (name, w.start_ts, month.start_ts)
+        closed = self._cache.get(key)
+        if closed is None:
+            closed = query(w.start_ts, month.start_ts)
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = closed
+        total: dict[K, int] = dict(closed)
+        for k, v in query(month.start_ts, w.end_ts).items():
+            total[k] = total.get(k, 0) + v
+        return total
+
+
+# Ledger totals of the scoped budgets' counters for the current windows (run in the ledger's thread).
+ScopedTotals = Callable[[Store, dict[Period, Window]], dict[tuple[Period, float], dict[ScopeKey, int]]]
 
 
 class Clock:
@@ -186,9 +255,8 @@ class LocalReservations:
         self._reserved: dict[tuple[str, float], int] = {}
 
     async def reserve(self, hold: Hold, limit_pusd: int) -> tuple[bool, int, int]:
-        team, app = scope_of(hold.budget)
-        key = (budget_id(hold.budget), hold.window_start)
-        spent = self.tracker.spent_pusd(team, app, hold.budget.period, hold.window)
+        key = (hold.counter, hold.window_start)
+        spent = self.tracker.spent(hold.spend_key, hold.window.period, hold.window)
         reserved = self._reserved.get(key, 0)
         if spent + reserved >= limit_pusd:
             return False, spent, reserved
@@ -201,11 +269,11 @@ class LocalReservations:
     def release(self, hold: Hold, keep_pusd: int = 0) -> None:
         """Synchronous: the record's cost enters the spend in the same instant its reservation leaves. `keep_pusd`
         of it stays reserved until the period ends (a request whose final bill is unknown)."""
-        key = (budget_id(hold.budget), hold.window_start)
+        key = (hold.counter, hold.window_start)
         self._reserved[key] = self._reserved.get(key, 0) - hold.amount_pusd + min(keep_pusd, hold.amount_pusd)
 
-    def reserved_pusd(self, budget: BudgetConfig, window_start: float) -> int:
-        return self._reserved.get((budget_id(budget), window_start), 0)
+    def reserved_pusd(self, counter: str, window_start: float) -> int:
+        return self._reserved.get((counter, window_start), 0)
 
     async def expire(self) -> None:
         return None
@@ -227,7 +295,7 @@ class SharedReservations:
         self._pool: asyncio.Queue[Any] = asyncio.Queue()
         self._size = 0
         self._max = 8
-        self._ensured: set[tuple[str, float]] = set()
+        self._ensured: dict[tuple[str, float], Hold] = {}
         self._seen: dict[tuple[str, float], tuple[int, int]] = {}
 
     async def _conn(self) -> Any:
@@ -267,24 +335,33 @@ class SharedReservations:
 
     async def _ensure_row(self, hold: Hold) -> None:
         """The period's counter row, created from the ledger's totals the first time any replica needs it."""
-        scope = budget_id(hold.budget)
+        scope = hold.counter
         if (scope, hold.window_start) in self._ensured:
             return
-        team, app = scope_of(hold.budget)
         w = hold.window
-        await self._run(
-            "INSERT INTO budget_spend (scope, period_start, spent_pusd, reserved_pusd) "
-            "SELECT %(scope)s, %(start)s, COALESCE(SUM(cost_pusd), 0), 0 FROM usage_records "
-            "WHERE team = %(team)s AND (%(app)s = '' OR app = %(app)s) AND started_at >= %(start)s "
-            "AND started_at < %(end)s ON CONFLICT (scope, period_start) DO NOTHING",
-            {"scope": scope, "start": hold.window_start, "end": w.end_ts, "team": team, "app": app},
-        )
-        self._ensured.add((scope, hold.window_start))
+        if hold.budget.simple:
+            team, app = scope_of(hold.budget)
+            await self._run(
+                "INSERT INTO budget_spend (scope, period_start, spent_pusd, reserved_pusd) "
+                "SELECT %(scope)s, %(start)s, COALESCE(SUM(cost_pusd), 0), 0 FROM usage_records "
+                "WHERE team = %(team)s AND (%(app)s = '' OR app = %(app)s) AND started_at >= %(start)s "
+                "AND started_at < %(end)s ON CONFLICT (scope, period_start) DO NOTHING",
+                {"scope": scope, "start": hold.window_start, "end": w.end_ts, "team": team, "app": app},
+            )
+        else:
+            # Other scopes start from the ledger's totals as the tracker last read them (all replicas' records);
+            # `reconcile` raises the counter to the ledger's figure if records arrived in between.
+            await self._run(
+                "INSERT INTO budget_spend (scope, period_start, spent_pusd, reserved_pusd) "
+                "VALUES (%(scope)s, %(start)s, %(spent)s, 0) ON CONFLICT (scope, period_start) DO NOTHING",
+                {"scope": scope, "start": hold.window_start, "spent": self.tracker.spent(hold.spend_key, w.period, w)},
+            )
+        self._ensured[(scope, hold.window_start)] = hold
 
     async def reserve(self, hold: Hold, limit_pusd: int) -> tuple[bool, int, int]:
         await self._ensure_row(hold)
         hold.hold_id = uuid.uuid4().hex
-        scope = budget_id(hold.budget)
+        scope = hold.counter
         rows = await self._run(
             "WITH u AS (UPDATE budget_spend SET reserved_pusd = reserved_pusd + %(amount)s "
             "WHERE scope = %(scope)s AND period_start = %(start)s AND spent_pusd + reserved_pusd < %(limit)s "
@@ -321,7 +398,7 @@ class SharedReservations:
         params = {
             "id": hold.hold_id,
             "actual": actual_pusd,
-            "scope": budget_id(hold.budget),
+            "scope": hold.counter,
             "start": hold.window_start,
             "keep": min(keep_pusd, hold.amount_pusd),
             "until": hold.window.end_ts,
@@ -348,24 +425,30 @@ class SharedReservations:
     async def reconcile(self) -> None:
         """Spend the counters missed (a settlement lost to a database outage) is taken from the ledger; then every
         current counter is read back, so what this replica reports includes the other replicas' reservations."""
-        for scope, start in list(self._ensured):
-            team, app_part, period = scope.split("/")
-            app = "" if app_part == "*" else app_part
-            w = window(period, datetime.fromtimestamp(start, UTC), self.tracker.tz)  # type: ignore[arg-type]
+        for (scope, start), hold in list(self._ensured.items()):
+            w = hold.window
             if not w.contains(self.tracker.clock.time()):
-                self._ensured.discard((scope, start))
+                del self._ensured[(scope, start)]
                 continue
-            await self._run(
-                "UPDATE budget_spend SET spent_pusd = GREATEST(spent_pusd, (SELECT COALESCE(SUM(cost_pusd), 0) "
-                "FROM usage_records WHERE team = %(team)s AND (%(app)s = '' OR app = %(app)s) "
-                "AND started_at >= %(start)s AND started_at < %(end)s)) "
-                "WHERE scope = %(scope)s AND period_start = %(start)s",
-                {"team": team, "app": app, "start": start, "end": w.end_ts, "scope": scope},
-            )
-        # A month is the longest period: older rows are no budget's current window.
+            if hold.budget.simple:
+                team, app = scope_of(hold.budget)
+                await self._run(
+                    "UPDATE budget_spend SET spent_pusd = GREATEST(spent_pusd, (SELECT COALESCE(SUM(cost_pusd), 0) "
+                    "FROM usage_records WHERE team = %(team)s AND (%(app)s = '' OR app = %(app)s) "
+                    "AND started_at >= %(start)s AND started_at < %(end)s)) "
+                    "WHERE scope = %(scope)s AND period_start = %(start)s",
+                    {"team": team, "app": app, "start": start, "end": w.end_ts, "scope": scope},
+                )
+            else:
+                await self._run(
+                    "UPDATE budget_spend SET spent_pusd = GREATEST(spent_pusd, %(tracked)s) "
+                    "WHERE scope = %(scope)s AND period_start = %(start)s",
+                    {"tracked": self.tracker.spent(hold.spend_key, w.period, w), "start": start, "scope": scope},
+                )
+        # A year is the longest period: older rows are no budget's current window.
         rows = await self._run(
             "SELECT scope, period_start, spent_pusd, reserved_pusd FROM budget_spend WHERE period_start >= %(since)s",
-            {"since": self.tracker.clock.time() - 32 * 86400},
+            {"since": self.tracker.clock.time() - 367 * 86400},
         )
         for scope, start, spent, reserved in rows:
             self._seen[(scope, float(start))] = (int(spent), int(reserved))
@@ -381,8 +464,8 @@ class SharedReservations:
             {"now": self.tracker.clock.time()},
         )
 
-    def reserved_pusd(self, budget: BudgetConfig, window_start: float) -> int:
-        return self._seen.get((budget_id(budget), window_start), (0, 0))[1]
+    def reserved_pusd(self, counter: str, window_start: float) -> int:
+        return self._seen.get((counter, window_start), (0, 0))[1]
 
     async def close(self) -> None:
         while not self._pool.empty():
@@ -393,24 +476,27 @@ class SharedReservations:
 class BudgetGuard:
     """Admission control for budgets, and the budget/spend/forecast gauges."""
 
+    HELD_RETRY_S = 2  # a refusal while in-flight requests hold the rest: they settle within seconds, as a rule
+
     def __init__(self, config: Config, prices: PriceBook, ledger: Ledger | None) -> None:
         self.config = config
         self.prices = prices
         self.ledger = ledger
         self.tz = config.timezone()
         self.clock = Clock()
-        self.tracker = SpendTracker(self.tz, self.clock)
+        self.tracker = SpendTracker(self.tz, self.clock, config.server.fiscal_year_start_month)
         self.budgets = list(config.budgets)
-        # Per budget, computed once: its id and its warn and limit thresholds in pico-dollars.
-        self._ids = {id(b): budget_id(b) for b in self.budgets}
+        self.index: ScopeIndex[BudgetConfig] = ScopeIndex(self.budgets, budget_id, lambda b: b.period)
+        # Per budget, computed once: its warn and limit thresholds and its per-request cap, in pico-dollars.
         self._thresholds = {
             id(b): (to_pusd(Decimal(str(b.limit_usd * b.warn_at))), to_pusd(Decimal(str(b.limit_usd))))
             for b in self.budgets
+            if b.limit_usd is not None
         }
+        self._caps = {id(b): to_pusd(Decimal(str(b.max_request_usd))) for b in self.budgets if b.max_request_usd}
+        # Scoped budgets with a period: their spend is counted per counter, beside the team/app totals.
+        self._scoped = [b for b in self.budgets if not b.simple and b.period is not None]
         self._estimates: dict[tuple[str, str, int, int, tuple[tuple[str, int], ...]], int] = {}
-        self._by_team: dict[str, list[BudgetConfig]] = {}
-        for b in self.budgets:
-            self._by_team.setdefault(b.team, []).append(b)
         shared = ledger is not None and ledger.config.url.startswith(("postgresql://", "postgres://"))
         ttl = config.server.upstream_timeout_s + config.server.drain_timeout_s
         self.reservations: LocalReservations | SharedReservations = (
@@ -468,11 +554,55 @@ class BudgetGuard:
                         "database's time",
                         self.clock.skew_s,
                     )
-            await self.tracker.resync(self.ledger)
+            await self.tracker.resync(self.ledger, self._scoped_totals if self._scoped else None)
             if forecasts:
                 await self._refresh_forecasts()
         except LedgerError as exc:
             log.warning("budget state not refreshed from the ledger: %s", exc)
+
+    def _scoped_totals(
+        self, store: Store, windows: dict[Period, Window]
+    ) -> dict[tuple[Period, float], dict[ScopeKey, int]]:
+        """The ledger's spend for every scoped budget's counters in its current period (in the ledger's thread)."""
+        out: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
+        for b in self._scoped:
+            assert b.period is not None
+            w = windows[b.period]
+            filters = {
+                dim: value
+                for dim, value in (
+                    ("team", b.team),
+                    ("app", b.app),
+                    ("key_id", b.key),
+                    ("provider", b.provider),
+                    ("user", None if b.per_user else b.user),
+                )
+                if value is not None
+            }
+            filters.update({f"tag.{k}": v for k, v in b.tags.items()})
+            by = (["user"] if b.per_user else []) + (["model"] if b.model is not None else [])
+            bid = self.index.id_of(b)
+            skip = self.index.overridden(b)
+
+            def query(
+                since: float, until: float, by: list[str] = by, filters: dict[str, str] = filters
+            ) -> dict[tuple[str | None, ...], int]:
+                return {a.group: a.cost_pusd for a in store.aggregate(since, until, by, filters)}
+
+            counters = out.setdefault((b.period, w.start_ts), {})
+            for group, pusd in self.tracker.closed_months.spend(store, bid, w, windows["month"], query).items():
+                values = dict(zip(by, group, strict=True))
+                if b.model is not None and not fnmatchcase(values["model"] or "", b.model):
+                    continue
+                if b.per_user:
+                    user = values["user"]
+                    if user is None or user in skip:
+                        continue
+                    key: ScopeKey = (SCOPED, f"{bid}|{user}")
+                else:
+                    key = (SCOPED, bid)
+                counters[key] = counters.get(key, 0) + pusd
+        return out
 
     async def _ledger_ready(self) -> bool:
         assert self.ledger is not None
@@ -485,67 +615,70 @@ class BudgetGuard:
     # --- admission -------------------------------------------------------------------------------------------
 
     async def reserve(self, ctx: RequestContext) -> Reservation | None:
-        principal = ctx.principal
-        if principal is None:
+        subject = Subject.of_request(ctx)
+        if subject is None:
             return None
-        budgets = [
-            b
-            for b in self._by_team.get(principal.team, ())
-            if b.action == "block" and (b.app is None or b.app == principal.app)
-        ]
-        if not budgets:
+        applicable = self.index.matching(subject)
+        if not applicable:
+            return None
+        blocking = [(b, c) for b, c in applicable if b.action == "block" and b.period is not None]
+        capped = [b for b, _ in applicable if id(b) in self._caps]
+        if not blocking and not capped:
             return None
         # A call with no model to price (a batch creation, an unmetered route) reserves nothing: it is only refused
         # once the budget is spent.
         estimate = self.worst_case_pusd(ctx) if ctx.route is not None and ctx.facts is not None else 0
+        for budget in capped:
+            if estimate > self._caps[id(budget)]:
+                raise self._cap_refusal(budget, estimate)
         # The periods of the request's own start time, which its ledger record will carry too.
         windows = self.tracker.current(ctx.started_at)
         reservation = Reservation()
-        for budget in budgets:
+        for budget, counter in blocking:
+            assert budget.period is not None
             w = windows[budget.period]
             limit = self._thresholds[id(budget)][1]
             # No hold needs to exceed the limit: one that large already refuses everything after it. This also
             # bounds every number the shared counters add up, whatever the client asked for.
-            hold = Hold(budget, w, min(estimate, limit))
+            hold = Hold(budget, w, min(estimate, limit), counter)
             try:
                 ok, spent, reserved = await self.reservations.reserve(hold, limit)
             except LedgerError as exc:
                 # The shared counters are unreachable: keep traffic flowing rather than fail every request.
-                log.warning("budget %s not enforced for this request: %s", budget_id(budget), exc)
+                log.warning("budget %s not enforced for this request: %s", counter, exc)
                 continue
             if not ok:
                 for held in reservation.holds:
                     self._release(held, 0)
-                raise self._refusal(budget, w, spent, reserved)
+                raise self._refusal(budget, counter, w, spent, reserved, subject.user)
             reservation.holds.append(hold)
         return reservation
 
-    def refusal(self, principal: Principal) -> GatewayError | None:
-        """The refusal a new spend by this principal would get now (a block budget spent), without reserving:
-        for long-lived sessions (Realtime) that are checked as they spend."""
+    def refusal(self, ctx: RequestContext) -> GatewayError | None:
+        """The refusal a new spend by this request's sender would get now (a block budget spent), without
+        reserving: for long-lived sessions (Realtime) that are checked as they spend."""
+        subject = Subject.of_request(ctx)
+        if subject is None:
+            return None
         windows = self.tracker.current(self.clock.time())
-        for budget in self._by_team.get(principal.team, ()):
-            if budget.action != "block" or (budget.app is not None and budget.app != principal.app):
+        for budget, counter in self.index.matching(subject):
+            if budget.action != "block" or budget.period is None:
                 continue
             w = windows[budget.period]
-            team, app = scope_of(budget)
-            spent = self.tracker.spent_pusd(team, app, budget.period, w)
-            reserved = self.reservations.reserved_pusd(budget, w.start_ts)
+            spent = self.tracker.spent(self._spend_key(budget, counter), budget.period, w)
+            reserved = self.reservations.reserved_pusd(counter, w.start_ts)
             if spent + reserved >= self._thresholds[id(budget)][1]:
-                return self._refusal(budget, w, spent, reserved)
+                return self._refusal(budget, counter, w, spent, reserved, subject.user)
         return None
 
-    def worst_case_pusd(self, ctx: RequestContext) -> int:
-        """Estimated input (a token is at least 3 bytes of the request body, in practice) plus the output cap.
+    @staticmethod
+    def _spend_key(budget: BudgetConfig, counter: str) -> ScopeKey:
+        return scope_of(budget) if budget.simple else (SCOPED, counter)
 
-        The input estimate is rounded up to a multiple of 256 tokens, so the price of a request shape is computed
-        once and reused: still an upper bound, at a fraction of the cost.
-        """
+    def worst_case_pusd(self, ctx: RequestContext) -> int:
+        """The worst case (estimate.worst_case_tokens) at the model's prices; cached per request shape."""
         assert ctx.route is not None and ctx.facts is not None
-        body_bytes = len(ctx.raw_body) if ctx.raw_body is not None else 0
-        input_tokens = -(-(body_bytes // 3 + 16) // 256) * 256
-        cap = ctx.facts.max_output_tokens or self.config.budget_defaults.default_max_output_tokens
-        output = cap * ctx.facts.choices  # every choice (OpenAI n, Gemini candidateCount) is billed
+        input_tokens, output = worst_case_tokens(ctx, self.config.budget_defaults.default_max_output_tokens)
         upstream = ctx.route.upstream
         model = upstream.pricing_model(ctx.route.upstream_model)
         # Units the request itself fixes (characters of speech, DALL-E images of a size) are part of the worst case.
@@ -567,26 +700,53 @@ class BudgetGuard:
         self._estimates[key] = estimate
         return estimate
 
-    def _refusal(self, budget: BudgetConfig, w: Window, spent: int, reserved: int) -> GatewayError:
+    def _refusal(
+        self, budget: BudgetConfig, counter: str, w: Window, spent: int, reserved: int, user: str | None
+    ) -> GatewayError:
+        """Exhausted (spent reached the limit: nothing clears before the reset) or held (what is left is reserved
+        by requests in flight: it clears when they settle, so a retry in a moment may pass)."""
+        limit = self._thresholds[id(budget)][1]
+        assert budget.limit_usd is not None
+        scope = budget.scope + (f" (user {user})" if budget.per_user and user is not None else "")
+        headers = {"x-metergate-budget": counter[:256]}
         resets = w.end.isoformat()
-        wait = max(1, math.ceil(w.end_ts - self.clock.time()))
+        if spent >= limit:
+            wait = max(1, math.ceil(w.end_ts - self.clock.time()))
+            message = (
+                f"Budget exceeded: the {budget.period} budget of {scope} is ${budget.limit_usd:,.2f}; "
+                f"${from_pusd(spent):,.4f} is spent. It resets at {resets}."
+            )
+            # The SDKs would otherwise retry a 429; this one will not clear before the reset.
+            headers |= {"retry-after": str(wait), "x-should-retry": "false"}
+            return GatewayError(429, "budget_exceeded", message, code="budget_exceeded", headers=headers)
         message = (
-            f"Budget exceeded: the {budget.period} budget of {budget.scope} is ${budget.limit_usd:,.2f}; "
-            f"${from_pusd(spent):,.4f} is spent and ${from_pusd(reserved):,.4f} reserved by requests in flight. "
-            f"It resets at {resets}."
+            f"Budget busy: the {budget.period} budget of {scope} is ${budget.limit_usd:,.2f}; "
+            f"${from_pusd(spent):,.4f} is spent and the remaining ${from_pusd(limit - spent):,.4f} is reserved by "
+            f"requests in flight (${from_pusd(reserved):,.4f} in all). Retry when they finish."
+        )
+        headers |= {"retry-after": str(self.HELD_RETRY_S), "x-should-retry": "true"}
+        return GatewayError(429, "budget_exceeded", message, code="budget_held", headers=headers)
+
+    def _cap_refusal(self, budget: BudgetConfig, estimate: int) -> GatewayError:
+        assert budget.max_request_usd is not None
+        message = (
+            f"Request too expensive: at worst it could cost ${from_pusd(estimate):,.4f} (its input and its output "
+            f"cap at the model's prices), over the ${budget.max_request_usd:,.4f} per-request limit of "
+            f"{budget.scope}. Lower max_tokens (or its equivalent) or shorten the input."
         )
         return GatewayError(
-            429,
-            "budget_exceeded",
+            400,
+            "request_cost_limit",
             message,
-            code="budget_exceeded",
-            # The SDKs would otherwise retry a 429; this one will not clear before the reset.
-            headers={"retry-after": str(wait), "x-should-retry": "false", "x-metergate-budget": budget_id(budget)},
+            code="request_cost_limit",
+            headers={"x-metergate-budget": self.index.id_of(budget)[:256], "x-should-retry": "false"},
         )
 
     def settle(self, reservation: object | None, record: UsageRecord) -> None:
-        self.tracker.observe(record)
-        self._check_thresholds(record)
+        applicable = self.index.matching(Subject.of_record(record)) if record.cost_pusd and self.budgets else []
+        self.tracker.observe(record, [(b.period, c) for b, c in applicable if b.period is not None and not b.simple])
+        if applicable:
+            self._check_thresholds(record, applicable)
         if not isinstance(reservation, Reservation):
             return
         actual = record.cost_pusd
@@ -624,26 +784,25 @@ class BudgetGuard:
         if not task.cancelled() and task.exception() is not None:
             log.warning("budget settlement failed: %s", task.exception())
 
-    def _check_thresholds(self, record: UsageRecord) -> None:
-        if not record.cost_pusd:
-            return
+    def _check_thresholds(self, record: UsageRecord, applicable: list[tuple[BudgetConfig, str]]) -> None:
         windows = self.tracker.current()
-        for budget in self._by_team.get(record.team, ()):
-            if budget.app is not None and budget.app != record.app:
+        for budget, counter in applicable:
+            if budget.period is None or budget.limit_usd is None:
                 continue
-            bid = self._ids[id(budget)]
             w = windows[budget.period]
-            spent = self.tracker.spent_pusd(budget.team, budget.app or "", budget.period, w)
+            spent = self.tracker.spent(self._spend_key(budget, counter), budget.period, w)
             warn_at, limit = self._thresholds[id(budget)]
-            if spent < warn_at or (bid, w.start_ts, "limit") in self._warned:
+            if spent < warn_at or (counter, w.start_ts, "limit") in self._warned:
                 continue
             for level, threshold in (("warn", warn_at), ("limit", limit)):
-                key = (bid, w.start_ts, level)
+                key = (counter, w.start_ts, level)
                 if spent >= threshold and key not in self._warned:
+                    if len(self._warned) > 100_000:
+                        self._warned.clear()  # per-user budgets: bounded, at worst a warning is logged again
                     self._warned.add(key)
                     log.warning(
                         "budget %s: %s of $%s reached ($%.4f spent this %s, action %s)",
-                        bid,
+                        counter,
                         "limit" if level == "limit" else f"{budget.warn_at:.0%}",
                         f"{budget.limit_usd:,.2f}" if budget.limit_usd >= 0.01 else f"{budget.limit_usd:g}",
                         float(from_pusd(spent)),
@@ -656,7 +815,7 @@ class BudgetGuard:
     def scopes(self) -> list[ScopeKey]:
         teams = set(self.config.known_teams()) | self.tracker.teams()
         scopes = {(t, "") for t in teams}
-        scopes.update(scope_of(b) for b in self.budgets)
+        scopes.update(scope_of(b) for b in self.budgets if b.simple)
         return sorted(scopes)
 
     async def _refresh_forecasts(self) -> None:
@@ -689,9 +848,10 @@ class BudgetGuard:
         )
         ratio = GaugeMetricFamily("llm_budget_warn_ratio", "Share of the budget at which to warn.", labels=labels)
         for b in self.budgets:
-            team, app = scope_of(b)
-            budget.add_metric([team, app, b.period], b.limit_usd)
-            ratio.add_metric([team, app, b.period], b.warn_at)
+            if b.simple and b.period is not None and b.limit_usd is not None:
+                team, app = scope_of(b)
+                budget.add_metric([team, app, b.period], b.limit_usd)
+                ratio.add_metric([team, app, b.period], b.warn_at)
         yield budget
         yield ratio
         windows = self.tracker.windows()
@@ -706,13 +866,37 @@ class BudgetGuard:
                 projected.add_metric([team, app, period], max(spent, self._forecasts.get((team, app, period), spent)))
         yield spend
         yield projected
+        # Budgets of other scopes (key, user, tags, model, provider): one series per budget, whatever the number of
+        # users; a per-user budget's spend is its highest user's.
+        scoped_limit = GaugeMetricFamily(
+            "llm_scoped_budget_usd",
+            "Limit of a budget scoped by key, user, tags, model or provider.",
+            labels=("budget", "period"),
+        )
+        scoped_spend = GaugeMetricFamily(
+            "llm_scoped_spend_usd",
+            "Spend in the current period of a scoped budget (per-user budgets: the highest user's).",
+            labels=("budget", "period"),
+        )
+        for b in self._scoped:
+            assert b.period is not None and b.limit_usd is not None
+            bid = self.index.id_of(b)
+            w = windows[b.period]
+            if b.per_user:
+                spent_pusd = max(self.tracker.counters(b.period, w, bid + "|").values(), default=0)
+            else:
+                spent_pusd = self.tracker.spent((SCOPED, bid), b.period, w)
+            scoped_limit.add_metric([bid, b.period], b.limit_usd)
+            scoped_spend.add_metric([bid, b.period], float(from_pusd(spent_pusd)))
+        yield scoped_limit
+        yield scoped_spend
         skew = GaugeMetricFamily("metergate_clock_skew_seconds", "This machine's clock minus the ledger database's.")
         skew.add_metric([], -self.clock.skew_s)
         yield skew
 
     def spend_rows(self, period: Period) -> list[dict[str, Any]]:
         """Spend and forecast of every team and budget scope in the current `period`."""
-        w = window(period, self.clock.now(), self.tz)
+        w = self.tracker.window(period)
         rows = []
         for team, app in self.scopes():
             spent = float(from_pusd(self.tracker.spent_pusd(team, app, period, w)))
@@ -722,30 +906,51 @@ class BudgetGuard:
             )
         return rows
 
+    MAX_STATUS_USERS = 100
+
     def status(self) -> list[dict[str, Any]]:
-        """Every budget with its spend, reservations and reset time (for the admin API)."""
+        """Every budget with its spend, reservations and reset time (for the admin API); a per-user budget has one
+        row per user who spent in the period (the highest MAX_STATUS_USERS)."""
         now = self.clock.now()
         out = []
         for b in self.budgets:
-            team, app = scope_of(b)
-            w = window(b.period, now, self.tz)
-            spent = from_pusd(self.tracker.spent_pusd(team, app, b.period, w))
-            out.append(
-                {
-                    "id": budget_id(b),
-                    "team": team,
-                    "app": app or None,
-                    "period": b.period,
-                    "limit_usd": b.limit_usd,
-                    "action": b.action,
-                    "warn_at": b.warn_at,
-                    "spent_usd": float(spent),
-                    "reserved_usd": float(from_pusd(self.reservations.reserved_pusd(b, w.start_ts))),
-                    "forecast_usd": max(float(spent), self._forecasts.get((team, app, b.period), 0.0)),
-                    "period_start": w.start.isoformat(),
-                    "resets_at": w.end.isoformat(),
-                }
-            )
+            if b.period is None or b.limit_usd is None:
+                continue
+            bid = self.index.id_of(b)
+            w = self.tracker.window(b.period, now)
+            if b.per_user:
+                counters = self.tracker.counters(b.period, w, bid + "|")
+                top = sorted(counters.items(), key=lambda kv: -kv[1])[: self.MAX_STATUS_USERS]
+                instances: list[tuple[str, str | None, int]] = [(c, c.split("|", 1)[1], pusd) for c, pusd in top]
+            else:
+                instances = [(bid, b.user, self.tracker.spent(self._spend_key(b, bid), b.period, w))]
+            for counter, user, spent_pusd in instances:
+                spent = from_pusd(spent_pusd)
+                team, app = scope_of(b)
+                forecast_usd = self._forecasts.get((team, app, b.period), 0.0) if b.simple else 0.0
+                out.append(
+                    {
+                        "id": counter,
+                        "scope": b.scope,
+                        "team": b.team,
+                        "app": b.app,
+                        "key": b.key,
+                        "user": user,
+                        "tags": dict(b.tags),
+                        "model": b.model,
+                        "provider": b.provider,
+                        "period": b.period,
+                        "limit_usd": b.limit_usd,
+                        "max_request_usd": b.max_request_usd,
+                        "action": b.action,
+                        "warn_at": b.warn_at,
+                        "spent_usd": float(spent),
+                        "reserved_usd": float(from_pusd(self.reservations.reserved_pusd(counter, w.start_ts))),
+                        "forecast_usd": max(float(spent), forecast_usd),
+                        "period_start": w.start.isoformat(),
+                        "resets_at": w.end.isoformat(),
+                    }
+                )
         return out
 
 

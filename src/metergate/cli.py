@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -17,7 +17,7 @@ from rich.text import Text
 
 from metergate.config import Config, ConfigError, load_config
 from metergate.ledger import ApiKey, Ledger, LedgerError, sqlite_path
-from metergate.periods import parse_day
+from metergate.periods import PERIODS, parse_day
 
 T = TypeVar("T")
 
@@ -129,9 +129,17 @@ def check_config(path: Annotated[Path, typer.Argument(help="The YAML config file
         _row(team_table, team, ", ".join(sorted(apps)), sum(1 for k in cfg.keys if k.team == team))
     console.print(team_table)
     if cfg.budgets:
-        budgets = _table("Budgets", "scope", "period", "limit (USD)", "action", "warn at")
+        budgets = _table("Budgets", "scope", "period", "limit (USD)", "action", "warn at", "max per request (USD)")
         for b in cfg.budgets:
-            _row(budgets, b.scope, b.period, f"{b.limit_usd:,.2f}", b.action, f"{b.warn_at:.0%}")
+            _row(
+                budgets,
+                b.scope,
+                b.period or "",
+                f"{b.limit_usd:,.2f}" if b.limit_usd is not None else "",
+                b.action if b.limit_usd is not None else "block",
+                f"{b.warn_at:.0%}" if b.limit_usd is not None else "",
+                f"{b.max_request_usd:,.4f}" if b.max_request_usd is not None else "",
+            )
         console.print(budgets)
     _print_pricing(cfg)
     if cfg.prices:
@@ -248,18 +256,32 @@ def keys_create(
     team: Annotated[str, typer.Option(help="The team the key's traffic is attributed to.")],
     app_name: Annotated[str, typer.Option("--app", help="The app the key's traffic is attributed to.")],
     name: Annotated[str, typer.Option(help="A note to recognise the key by.")] = "",
+    tag: Annotated[
+        list[str] | None,
+        typer.Option(help="A tag every request of the key carries, KEY=VALUE (repeat for more); see attribution.tags."),
+    ] = None,
 ) -> None:
     """Create a key and print it once; only its hash is stored. Running gateways pick it up within seconds."""
     from pydantic import ValidationError
 
     from metergate.admin import KeyCreate, explain_invalid, new_key
+    from metergate.attribution import unlisted_tag
 
     cfg = _load(config)
+    tags: dict[str, str] = {}
+    for item in tag or ():
+        key_name, sep, value = item.partition("=")
+        if not sep:
+            raise _fail("invalid key", f"--tag {item!r}: expected KEY=VALUE")
+        tags[key_name.strip()] = value.strip()
     try:
-        KeyCreate(team=team, app=app_name, name=name)
+        request = KeyCreate(team=team, app=app_name, name=name, tags=tags)
     except ValidationError as exc:
         raise _fail("invalid key", explain_invalid(exc)) from None
-    key, record = new_key(team, app_name, name)
+    problem = unlisted_tag(request.tags, cfg.attribution.tags)
+    if problem:
+        raise _fail("invalid key", problem)
+    key, record = new_key(team, app_name, name, request.tags)
 
     async def work(ledger: Ledger) -> None:
         store = await ledger.store()
@@ -279,14 +301,14 @@ def keys_list(config: ConfigPath) -> None:
         store = await ledger.store()
         return await ledger.call(store.keys, True)
 
-    table = _table("Keys", "id", "team", "app", "name", "sha256", "created", "status")
+    table = _table("Keys", "id", "team", "app", "name", "tags", "sha256", "created", "status")
     for k in cfg.keys:
-        _row(table, k.key_id, k.team, k.app, "(config)", k.sha256[:12], "", "active")
+        _row(table, k.key_id, k.team, k.app, "(config)", _tags_cell(k.tags.items()), k.sha256[:12], "", "active")
     if cfg.ledger is not None:
         for key in _run(_with_ledger(cfg, work)):
             created = datetime.fromtimestamp(key.created_at).strftime("%Y-%m-%d %H:%M")
             status = "revoked" if key.revoked_at else "active"
-            _row(table, key.id, key.team, key.app, key.name, key.sha256[:12], created, status)
+            _row(table, key.id, key.team, key.app, key.name, _tags_cell(key.tags), key.sha256[:12], created, status)
     console.print(table)
 
 
@@ -312,11 +334,16 @@ def report(
     config: ConfigPath,
     start: Annotated[str, typer.Option("--from", help="First day, e.g. 2026-11-01.")],
     end: Annotated[str, typer.Option("--to", help="Last day, inclusive.")],
-    by: Annotated[str, typer.Option(help="Group by: team, app, model, provider, endpoint, key_id.")] = "team,app,model",
+    by: Annotated[
+        str,
+        typer.Option(help="Group by: team, app, model, provider, endpoint, key_id, upstream_model, user, tag.<key>."),
+    ] = "team,app,model",
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    team: Annotated[str | None, typer.Option(help="Only this team's records.")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only records with this tag, KEY=VALUE (customer=acme).")] = None,
 ) -> None:
     """Usage and cost from the ledger over a date range, in the config's timezone."""
-    from metergate.reports import ROW_FIELDS, build_report, to_csv, to_json, units_cell
+    from metergate.reports import ROW_FIELDS, build_report, parse_tag_filter, to_csv, to_json, units_cell
 
     cfg = _load(config)
     if fmt not in ("table", "csv", "json"):
@@ -325,8 +352,11 @@ def report(
         first, last = parse_day(start), parse_day(end)
         dims = [d.strip() for d in by.split(",") if d.strip()]
         if not dims:
-            raise ValueError("--by needs at least one of team, app, model, provider, endpoint, key_id")
-        result = _run(_with_ledger(cfg, lambda ledger: build_report(ledger, first, last, dims, cfg.timezone())))
+            raise ValueError("--by needs at least one of team, app, model, provider, endpoint, key_id, user, tag.<key>")
+        filters = ({"team": team} if team else {}) | (parse_tag_filter(tag) if tag else {})
+        result = _run(
+            _with_ledger(cfg, lambda ledger: build_report(ledger, first, last, dims, cfg.timezone(), filters))
+        )
     except ValueError as exc:
         raise _fail("invalid report", exc) from None
     if fmt == "json":
@@ -336,7 +366,12 @@ def report(
     else:
         table = _table(f"Usage {first} to {last} ({cfg.server.timezone})", *dims, *ROW_FIELDS, "units")
         for row in result.rows:
-            _row(table, *(row[d] for d in dims), *(_fmt(row[f]) for f in ROW_FIELDS), units_cell(row))
+            _row(
+                table,
+                *(row[d] if row[d] is not None else "(none)" for d in dims),
+                *(_fmt(row[f]) for f in ROW_FIELDS),
+                units_cell(row),
+            )
         totals = result.totals
         _row(table, "TOTAL", *([""] * (len(dims) - 1)), *(_fmt(totals[f]) for f in ROW_FIELDS), units_cell(totals))
         console.print(table)
@@ -345,25 +380,39 @@ def report(
 @app.command()
 def chargeback(
     config: ConfigPath,
-    team: Annotated[str, typer.Option(help="The team to bill.")],
     month: Annotated[str, typer.Option(help="The month, e.g. 2026-11.")],
+    team: Annotated[str | None, typer.Option(help="The team to bill.")] = None,
+    tag: Annotated[str | None, typer.Option(help="The tag to bill, KEY=VALUE (customer=acme).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="markdown or csv.")] = "markdown",
     output: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
 ) -> None:
-    """A team's monthly chargeback statement (by app and model) from the ledger, in Markdown or CSV."""
-    from metergate.reports import build_report, chargeback_markdown, month_bounds, to_csv
+    """A monthly chargeback statement for a team (by app and model) or a tag such as a customer (by team, app and
+    model; with --team, within that team), from the ledger, in Markdown or CSV."""
+    from metergate.reports import (
+        build_report,
+        chargeback_groups,
+        chargeback_markdown,
+        month_bounds,
+        parse_tag_filter,
+        statement_subject,
+        to_csv,
+    )
 
     cfg = _load(config)
     if fmt not in ("markdown", "csv"):
         raise _fail("invalid --format", "choose markdown or csv")
+    if not team and not tag:
+        raise _fail("invalid chargeback", "give --team, --tag KEY=VALUE, or both")
     try:
         first, last = month_bounds(month)
+        filters = ({"team": team} if team else {}) | (parse_tag_filter(tag) if tag else {})
+        groups = chargeback_groups(filters)
+        result = _run(
+            _with_ledger(cfg, lambda ledger: build_report(ledger, first, last, groups, cfg.timezone(), filters))
+        )
     except ValueError as exc:
-        raise _fail("invalid --month", exc) from None
-    result = _run(
-        _with_ledger(cfg, lambda ledger: build_report(ledger, first, last, ["app", "model"], cfg.timezone(), team))
-    )
-    text = to_csv(result) if fmt == "csv" else chargeback_markdown(team, month, result)
+        raise _fail("invalid chargeback", exc) from None
+    text = to_csv(result) if fmt == "csv" else chargeback_markdown(statement_subject(filters), month, result)
     if output is not None:
         try:
             output.write_text(text)
@@ -384,10 +433,10 @@ def forecast_cmd(config: ConfigPath) -> None:
     async def work(ledger: Ledger) -> list[dict[str, Any]]:
         guard = BudgetGuard(cfg, PriceBook(cfg.prices), ledger)
         await guard.sync()
-        return [row for period in ("day", "week", "month") for row in guard.spend_rows(period)]
+        return [row for period in PERIODS for row in guard.spend_rows(period)]
 
     rows = _run(_with_ledger(cfg, work))
-    budgets = {(b.team, b.app or "", b.period): b.limit_usd for b in cfg.budgets}
+    budgets = {(b.team, b.app or "", b.period): b.limit_usd for b in cfg.budgets if b.simple}
     table = _table("Spend and forecast", "team", "app", "period", "spent (USD)", "forecast (USD)", "budget (USD)")
     for r in rows:
         limit = budgets.get((r["team"], r["app"] or "", r["period"]))
@@ -401,6 +450,10 @@ def forecast_cmd(config: ConfigPath) -> None:
             f"{limit:,.2f}" if limit is not None else "",
         )
     console.print(table)
+
+
+def _tags_cell(tags: Iterable[tuple[str, str]]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(tags))
 
 
 def _fmt(value: Any) -> str:

@@ -36,6 +36,11 @@ DEFAULT_PRICING_PROVIDER: dict[str, str | None] = {
 RESERVED_LABELS = frozenset({"other", "unauthenticated"})
 
 LabelValue = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
+# Attribution tags (README "Attribution"): keys are a small fixed vocabulary, values are free text of a bounded size.
+TAG_KEY_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+MAX_TAG_VALUE_CHARS = 128
+TagKey = Annotated[str, Field(pattern=TAG_KEY_PATTERN)]
+TagValue = Annotated[str, Field(min_length=1, max_length=MAX_TAG_VALUE_CHARS, pattern=r"^[^,=\x00-\x1f\x7f]+$")]
 
 
 def reserved_label(value: str, loc: tuple[str | int, ...]) -> None:
@@ -92,6 +97,8 @@ class ServerConfig(_Model):
     drain_timeout_s: float = Field(default=120.0, gt=0, le=_DAY)
     shutdown_timeout_s: float = Field(default=30.0, ge=0, le=_DAY)
     timezone: str = "UTC"
+    # Budget quarters and years start on the 1st of this month (4: a fiscal year from April).
+    fiscal_year_start_month: int = Field(default=1, ge=1, le=12)
     # Connection limits (nginx's defaults are the guide): see README "Limits".
     max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=10, le=10_000)
@@ -214,6 +221,8 @@ class KeyConfig(_Model):
     team: LabelValue
     app: LabelValue
     id: str | None = None
+    # Tags every request of this key carries; a client's x-metergate-tags header cannot change them.
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict)
 
     @field_validator("sha256")
     @classmethod
@@ -296,17 +305,94 @@ class PriceConfig(_Model):
         return (self.provider is None or self.provider == provider) and fnmatchcase(model, self.model)
 
 
-class BudgetConfig(_Model):
-    team: LabelValue
+class ScopeConfig(_Model):
+    """What traffic a budget or a rate limit counts: every field given must match (README "Budgets").
+
+    `user: "*"` gives every end user of the scope a limit of their own; a budget naming one user overrides the
+    `*` budget of the same scope and period for that user. `model` is a glob on the model label."""
+
+    team: LabelValue | None = None
     app: LabelValue | None = None
-    period: Literal["day", "week", "month"]
-    limit_usd: float = Field(gt=0, le=1e12)
-    action: Literal["block", "alert"] = "alert"
-    warn_at: float = Field(default=0.8, gt=0, le=1)
+    key: str | None = Field(default=None, min_length=1, max_length=64)
+    user: str | None = Field(default=None, min_length=1, max_length=256)
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=16)
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    provider: LabelValue | None = None
+
+    @model_validator(mode="after")
+    def _scoped(self) -> ScopeConfig:
+        if self.app is not None and self.team is None:
+            raise ValueError("app needs team (an app is named within its team)")
+        if not (self.team or self.key or self.tags or self.model or self.provider):
+            raise ValueError("name what it applies to: team, key, tags, model or provider (or several)")
+        return self
+
+    @property
+    def simple(self) -> bool:
+        """A team or app scope and nothing else (the scopes of the team/app gauges)."""
+        return self.team is not None and not (self.key or self.user or self.tags or self.model or self.provider)
+
+    @property
+    def per_user(self) -> bool:
+        return self.user == "*"
 
     @property
     def scope(self) -> str:
-        return f"{self.team}/{self.app}" if self.app else self.team
+        """The scope in words, for messages: `search/ranker`, `team search, user *, tag customer=acme`."""
+        if self.simple:
+            return f"{self.team}/{self.app}" if self.app else str(self.team)
+        parts = [f"{name} {value}" for name, value in (("team", self.team), ("app", self.app), ("key", self.key))]
+        parts += [f"user {self.user}"] if self.user else []
+        parts += [f"tag {k}={v}" for k, v in sorted(self.tags.items())]
+        parts += [f"{name} {value}" for name, value in (("model", self.model), ("provider", self.provider))]
+        return ", ".join(p for p in parts if not p.endswith(" None"))
+
+
+class BudgetConfig(ScopeConfig):
+    period: Literal["day", "week", "month", "quarter", "year"] | None = None
+    limit_usd: float | None = Field(default=None, gt=0, le=1e12)
+    action: Literal["block", "alert"] = "alert"
+    warn_at: float = Field(default=0.8, gt=0, le=1)
+    # The most one request may cost at worst (its reserved estimate); past it the request is refused unsent.
+    max_request_usd: float | None = Field(default=None, gt=0, le=1e12)
+
+    @model_validator(mode="after")
+    def _limits(self) -> BudgetConfig:
+        if (self.period is None) != (self.limit_usd is None):
+            raise ValueError("period and limit_usd go together")
+        if self.limit_usd is None and self.max_request_usd is None:
+            raise ValueError("a budget needs period and limit_usd, max_request_usd, or both")
+        return self
+
+
+class RateLimitConfig(ScopeConfig):
+    """Requests and tokens (input + output) per calendar minute for a scope; `user: "*"`: per end user."""
+
+    requests_per_minute: int | None = Field(default=None, gt=0, le=1_000_000_000)
+    tokens_per_minute: int | None = Field(default=None, gt=0, le=1_000_000_000_000)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> RateLimitConfig:
+        if self.requests_per_minute is None and self.tokens_per_minute is None:
+            raise ValueError("a rate limit needs requests_per_minute, tokens_per_minute, or both")
+        return self
+
+
+class SharedStateConfig(_Model):
+    """Where replicas share rate-limit counters (Redis). Without it, each gateway counts on its own."""
+
+    redis_url: str
+    # Keys are `<key_prefix>:rl:...`: one Redis can serve several gateway fleets.
+    key_prefix: str = Field(default="metergate", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    # The longest wait for Redis on a request; past it (or on an error) the limits are counted in process.
+    timeout_s: float = Field(default=0.25, gt=0, le=10)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, v: str) -> str:
+        if not re.match(r"^(redis|rediss|unix)://", v):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {v!r}")
+        return v
 
 
 class LedgerConfig(_Model):
@@ -337,6 +423,13 @@ class LedgerConfig(_Model):
         return v
 
 
+class AttributionConfig(_Model):
+    """What a request may say about itself beyond its key: tags from the x-metergate-tags header, by key."""
+
+    # Tag keys accepted from clients (and from keys' own tags); any other key is ignored and counted.
+    tags: list[TagKey] = Field(default_factory=list, max_length=64)
+
+
 class BatchesConfig(_Model):
     # How often the provider is asked about each batch created through the gateway, until it ends.
     poll_interval_s: float = Field(default=60.0, ge=0.05, le=_DAY)
@@ -355,17 +448,24 @@ class Config(_Model):
     teams: list[TeamConfig] = Field(default_factory=list)
     prices: list[PriceConfig] = Field(default_factory=list)
     budgets: list[BudgetConfig] = Field(default_factory=list)
+    rate_limits: list[RateLimitConfig] = Field(default_factory=list)
+    shared_state: SharedStateConfig | None = None
     budget_defaults: BudgetDefaults = Field(default_factory=BudgetDefaults)
     batches: BatchesConfig = Field(default_factory=BatchesConfig)
+    attribution: AttributionConfig = Field(default_factory=AttributionConfig)
     ledger: LedgerConfig | None = None
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Config:
         if parse_hostport(self.server.listen) == parse_hostport(self.server.metrics_listen):
             raise _FieldError(("server", "metrics_listen"), "must differ from server.listen (two listeners)")
+        allowed_tags = set(self.attribution.tags)
         for i, key in enumerate(self.keys):
             for field_name in ("team", "app"):
                 reserved_label(getattr(key, field_name), ("keys", i, field_name))
+            for tag in key.tags:
+                if tag not in allowed_tags:
+                    raise _FieldError(("keys", i, "tags", tag), f"tag {tag!r} is not listed in attribution.tags")
         for i, team in enumerate(self.teams):
             reserved_label(team.name, ("teams", i, "name"))
             for j, app in enumerate(team.apps):
@@ -394,18 +494,31 @@ class Config(_Model):
             hashes.add(key.sha256)
             ids.add(key.key_id)
         known_teams = self.known_teams()
-        for i, budget in enumerate(self.budgets):
-            if budget.team not in known_teams:
-                raise _FieldError(
-                    ("budgets", i, "team"),
-                    f"budget for unknown team {budget.team!r}: no key or teams entry names it",
-                )
-            if budget.app is not None and budget.app not in self.known_apps(budget.team):
-                raise _FieldError(
-                    ("budgets", i, "app"),
-                    f"budget for unknown app {budget.app!r}: no key or teams entry gives team {budget.team!r} that app",
-                )
+        for section, entries in (("budgets", self.budgets), ("rate_limits", self.rate_limits)):
+            for i, scope in enumerate(entries):
+                self._check_scope(section, i, scope, allowed_tags, known_teams)
         return self
+
+    def _check_scope(
+        self, section: str, i: int, scope: ScopeConfig, allowed_tags: set[str], known_teams: set[str]
+    ) -> None:
+        what = section.removesuffix("s").replace("_", " ")
+        for tag in scope.tags:
+            if tag not in allowed_tags:
+                raise _FieldError((section, i, "tags", tag), f"tag {tag!r} is not listed in attribution.tags")
+        if scope.provider is not None and scope.provider not in self.providers:
+            raise _FieldError((section, i, "provider"), f"unknown provider {scope.provider!r}")
+        if scope.team is None:
+            return
+        if scope.team not in known_teams:
+            raise _FieldError(
+                (section, i, "team"), f"{what} for unknown team {scope.team!r}: no key or teams entry names it"
+            )
+        if scope.app is not None and scope.app not in self.known_apps(scope.team):
+            raise _FieldError(
+                (section, i, "app"),
+                f"{what} for unknown app {scope.app!r}: no key or teams entry gives team {scope.team!r} that app",
+            )
 
     def known_teams(self) -> set[str]:
         return {k.team for k in self.keys} | {t.name for t in self.teams}

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from itertools import count as counter
 from typing import Protocol
 
+from metergate.attribution import AttributionPolicy
 from metergate.auth import KeyRing, Principal
 from metergate.endpoints import Handling, match_endpoint
 from metergate.errors import GatewayError
@@ -37,8 +38,10 @@ class Dispatcher:
         handlers: Mapping[Handling, Handler],
         clock: Callable[[], float] = time.time,
         sessions: Callable[[InboundRequest], Principal | None] | None = None,
+        attribution: AttributionPolicy | None = None,
     ) -> None:
         self.keys = keys
+        self.attribution = attribution or AttributionPolicy(())
         # Requests that authenticate by a session the gateway opened (Gemini upload chunks carry no key).
         self.sessions = sessions
         self.recorder = recorder
@@ -78,6 +81,7 @@ class Dispatcher:
             if refusal is not None:
                 await self.recorder.fail(out, ctx, refusal)
                 return
+            ctx.attribution = self.attribution.attribute(ctx.principal, req.headers)
             await self.handlers[ctx.match.endpoint.handling].handle(req, out, ctx)
         except asyncio.CancelledError:
             # Shutdown gave up waiting for this request: record what is known before the task ends.

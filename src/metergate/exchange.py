@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import aiohttp
 from yarl import URL
 
+from metergate.attribution import NO_ATTRIBUTION, Attribution
 from metergate.auth import Principal
 from metergate.config import Config
 from metergate.endpoints import EndpointMatch, Family
@@ -157,6 +158,7 @@ class RequestContext:
     request_body: RequestBody | None = None
     ttft: float | None = None
     reservation: object | None = None
+    attribution: Attribution = NO_ATTRIBUTION
     sent_upstream: bool = False  # the provider may have billed something from here on
     stream_meter: StreamMeter | None = None
     emitted: bool = False
@@ -202,6 +204,8 @@ class Recorder:
             code=code,
             stream=stream,
             error_type=error_type,
+            user=ctx.attribution.user,
+            tags=ctx.attribution.tags,
         )
         self.price_into(record, ctx, usage)
         return record

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from metergate.attribution import AttributionPolicy
 from metergate.auth import query_without_key
 from metergate.config import Config
 from metergate.errors import GatewayError, bounded, stream_error_event
@@ -63,8 +64,10 @@ class Gateway:
         router: Router,
         clients: UpstreamClients,
         recorder: Recorder,
+        attribution: AttributionPolicy | None = None,
     ) -> None:
         self.config = config
+        self.attribution = attribution or AttributionPolicy(config.attribution.tags)
         self.prices = prices
         self.labels = labels
         self.router = router
@@ -111,6 +114,8 @@ class Gateway:
                     "unmetered_route",
                     f"This request's answer carries no usage ({facts.unmetered}), and this gateway refuses such calls.",
                 )
+            if facts.end_user is not None:
+                ctx.attribution = self.attribution.with_body_user(ctx.attribution, facts.end_user)
             ctx.route = route = self.router.require(facts.model, ctx.match)
             ctx.upstream_body = self._upstream_body(ctx, route, facts)
             if endpoint.operation not in ("embed", "batch_embed"):

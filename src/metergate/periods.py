@@ -1,7 +1,8 @@
-"""Calendar periods (day, week, month) in a configured timezone, as budgets and reports count them.
+"""Calendar periods (day, week, month, quarter, year) in a configured timezone, as budgets and reports count them.
 
 Periods follow the wall calendar of `server.timezone`: a day is midnight to midnight there, a week starts on
-Monday, a month on the 1st, and a day across a DST change is 23 or 25 hours long.
+Monday, a month on the 1st, and a day across a DST change is 23 or 25 hours long. Quarters and years are fiscal:
+they start on the 1st of `server.fiscal_year_start_month` (January by default) and every third month from it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from datetime import date, datetime, time, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-Period = Literal["day", "week", "month"]
-PERIODS: tuple[Period, ...] = ("day", "week", "month")
+Period = Literal["day", "week", "month", "quarter", "year"]
+PERIODS: tuple[Period, ...] = ("day", "week", "month", "quarter", "year")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +41,22 @@ def _midnight(day: date, tz: ZoneInfo) -> datetime:
     return datetime.combine(day, time(0), tzinfo=tz)
 
 
-def first_day(period: Period, day: date) -> date:
+def _add_months(first: date, months: int) -> date:
+    """The 1st of the month `months` after the month of `first`."""
+    index = first.year * 12 + first.month - 1 + months
+    return date(index // 12, index % 12 + 1, 1)
+
+
+def first_day(period: Period, day: date, fiscal_start: int = 1) -> date:
     if period == "day":
         return day
     if period == "week":
         return day - timedelta(days=day.weekday())
-    return day.replace(day=1)
+    if period == "month":
+        return day.replace(day=1)
+    # Months since the fiscal year's first month, then back to the start of the quarter or year.
+    since_start = (day.month - fiscal_start) % 12
+    return _add_months(day.replace(day=1), -(since_start % 3 if period == "quarter" else since_start))
 
 
 def next_first_day(period: Period, first: date) -> date:
@@ -53,13 +64,13 @@ def next_first_day(period: Period, first: date) -> date:
         return first + timedelta(days=1)
     if period == "week":
         return first + timedelta(days=7)
-    return (first.replace(day=28) + timedelta(days=4)).replace(day=1)
+    return _add_months(first, {"month": 1, "quarter": 3, "year": 12}[period])
 
 
-def window(period: Period, at: datetime, tz: ZoneInfo) -> Window:
+def window(period: Period, at: datetime, tz: ZoneInfo, fiscal_start: int = 1) -> Window:
     """The calendar period containing `at`."""
     local_day = at.astimezone(tz).date()
-    first = first_day(period, local_day)
+    first = first_day(period, local_day, fiscal_start)
     return Window(period, _midnight(first, tz), _midnight(next_first_day(period, first), tz))
 
 

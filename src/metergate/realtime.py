@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
+from metergate.attribution import AttributionPolicy
 from metergate.auth import KeyRing, Principal
 from metergate.config import Config
 from metergate.endpoints import match_endpoint
@@ -57,9 +58,9 @@ _INSECURE_KEY = "openai-insecure-api-key."  # browsers put the key in a subproto
 
 
 class BudgetCheck(Protocol):
-    """Whether a principal's block budgets still allow spending (implemented by budgets.BudgetGuard)."""
+    """Whether the block budgets of a request's sender still allow spending (implemented by budgets.BudgetGuard)."""
 
-    def refusal(self, principal: Principal) -> GatewayError | None: ...
+    def refusal(self, ctx: RequestContext) -> GatewayError | None: ...
 
 
 @dataclass(slots=True)
@@ -88,8 +89,10 @@ class RealtimeRelay:
         budgets: BudgetCheck,
         next_id: Callable[[], str],
         clock: Callable[[], float] = time.time,
+        attribution: AttributionPolicy | None = None,
     ) -> None:
         self.config = config
+        self.attribution = attribution or AttributionPolicy(config.attribution.tags)
         self.keys = keys
         self.labels = labels
         self.router = router
@@ -167,6 +170,7 @@ class RealtimeRelay:
         refusal = refuse_request(path, headers)
         if refusal is not None:
             raise refusal
+        ctx.attribution = self.attribution.attribute(principal, headers)
         if endpoint.handling != "realtime":
             raise GatewayError(
                 404,
@@ -189,7 +193,7 @@ class RealtimeRelay:
         upstream = route.upstream
         ctx.provider_label = upstream.name
         ctx.model_label = self.labels.model(upstream.name, upstream.config.pricing_provider_id, route.upstream_model)
-        refusal = self.budgets.refusal(principal)
+        refusal = self.budgets.refusal(ctx)
         if refusal is not None:
             raise refusal
         if self._per_key.get(principal.key_id, 0) >= self.config.server.max_sessions_per_key:
@@ -393,7 +397,7 @@ class RealtimeRelay:
         record.latency_s = time.perf_counter() - started if started is not None else 0.0
         session.response_started = time.perf_counter() if session.open_responses else None
         self.recorder.emit(record, one)
-        refusal = self.budgets.refusal(session.principal)
+        refusal = self.budgets.refusal(one)
         if refusal is not None:
             session.closed_for_budget = True
             session.budget_message = refusal.message

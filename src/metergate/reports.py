@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -71,18 +71,25 @@ def rows_of(aggregates: Sequence[Aggregate], by: Sequence[str]) -> list[dict[str
 
 
 async def build_report(
-    ledger: Ledger, start: date, end: date, by: Sequence[str], tz: ZoneInfo, team: str | None = None
+    ledger: Ledger,
+    start: date,
+    end: date,
+    by: Sequence[str],
+    tz: ZoneInfo,
+    filters: Mapping[str, str] | None = None,
 ) -> Report:
+    """Totals per group of `by` (team, app, model, provider, endpoint, key_id, upstream_model, user, tag.<key>)
+    over whole local days, for the records matching every filter (the same dimensions, e.g. `tag.customer`)."""
     if end < start:
         raise ValueError(f"--to {end} is before --from {start}")
     await ledger.flush_now()
     store = await ledger.store()
     lo, hi = day_bounds(start, end, tz)
-    aggregates = await ledger.call(store.aggregate, lo, hi, list(by), team)
+    aggregates = await ledger.call(store.aggregate, lo, hi, list(by), filters)
     rows = rows_of(aggregates, by)
-    units = await ledger.call(store.unit_totals, lo, hi, list(by), team)
+    units = await ledger.call(store.unit_totals, lo, hi, list(by), filters)
     if units:
-        by_group = {tuple(str(row[d]) for d in by): row for row in rows}
+        by_group = {tuple(row[d] for d in by): row for row in rows}
         for group, unit, quantity in units:
             row = by_group.get(group)
             if row is not None and quantity:
@@ -117,6 +124,25 @@ def month_bounds(month: str) -> tuple[date, date]:
     return first_day("month", first), next_first_day("month", first) - timedelta(days=1)
 
 
+def parse_tag_filter(text: str) -> dict[str, str]:
+    """`customer=acme` as the report filter {"tag.customer": "acme"}."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise ValueError(f"a tag filter is KEY=VALUE (customer=acme), got {text!r}")
+    return {f"tag.{key.strip()}": value.strip()}
+
+
+def chargeback_groups(filters: Mapping[str, str]) -> list[str]:
+    """A statement's rows: by app and model within one team, by team, app and model across teams (a tag)."""
+    return ["app", "model"] if "team" in filters else ["team", "app", "model"]
+
+
+def statement_subject(filters: Mapping[str, str]) -> str:
+    parts = [f"team {filters['team']}"] if "team" in filters else []
+    parts += [f"{dim.removeprefix('tag.')}={value}" for dim, value in filters.items() if dim.startswith("tag.")]
+    return ", ".join(parts)
+
+
 # --- formats ----------------------------------------------------------------------------------------------------
 
 
@@ -136,12 +162,22 @@ def to_csv(report: Report) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*report.by, *ROW_FIELDS, "units"])
     for row in report.rows:
-        writer.writerow([row[k] for k in report.by] + [_exact(row[f]) for f in ROW_FIELDS] + [units_cell(row)])
+        writer.writerow(
+            [_text_cell(row[k]) for k in report.by] + [_exact(row[f]) for f in ROW_FIELDS] + [units_cell(row)]
+        )
     totals = report.totals
     writer.writerow(
         ["TOTAL", *([""] * (len(report.by) - 1))] + [_exact(totals[f]) for f in ROW_FIELDS] + [units_cell(totals)]
     )
     return out.getvalue()
+
+
+def _text_cell(value: str | None) -> str:
+    """A group value for a CSV cell: users and tag values come from clients, and a spreadsheet would run a cell
+    starting with = + - @ as a formula (OWASP "CSV injection"): such a cell is prefixed with a quote."""
+    if value is None:
+        return ""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
 def units_cell(row: dict[str, Any]) -> str:
@@ -153,37 +189,42 @@ def _exact(value: Any) -> Any:
     return format(value, "f") if isinstance(value, Decimal) else value
 
 
-def chargeback_markdown(team: str, month: str, report: Report) -> str:
-    """A monthly statement for one team: its spend by app and model, with totals that match the ledger."""
+def chargeback_markdown(subject: str, month: str, report: Report) -> str:
+    """A monthly statement for one subject (`team search`, `customer=acme`...): its spend by the report's groups
+    (app and model, with team for a tag), with totals that match the ledger."""
     totals = report.totals
+    by = report.by
     lines = [
-        f"# LLM chargeback statement: team {team}, {month}",
+        f"# LLM chargeback statement: {_md(subject)}, {month}",
         "",
         f"Period: {report.start} to {report.end} ({report.tz}). Source: the metergate ledger.",
         "",
         f"**Total: ${_money(totals['cost_usd'])}** for {totals['requests']:,} requests "
         f"({totals['tokens_in']:,} input and {totals['tokens_out']:,} output tokens).",
         "",
-        "| app | model | requests | input tokens | output tokens | cost (USD) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| " + " | ".join(by) + " | requests | input tokens | output tokens | cost (USD) |",
+        "|" + "---|" * len(by) + "---:|---:|---:|---:|",
     ]
     for row in report.rows:
+        cells = " | ".join(_md(row[d]) for d in by)
         lines.append(
-            f"| {row['app']} | {row['model']} | {row['requests']:,} | {row['tokens_in']:,} | "
-            f"{row['tokens_out']:,} | {_money(row['cost_usd'])} |"
+            f"| {cells} | {row['requests']:,} | {row['tokens_in']:,} | {row['tokens_out']:,} | "
+            f"{_money(row['cost_usd'])} |"
         )
     lines.append(
-        f"| **total** | | **{totals['requests']:,}** | **{totals['tokens_in']:,}** | **{totals['tokens_out']:,}** | "
-        f"**{_money(totals['cost_usd'])}** |"
+        "| **total** |" + " |" * (len(by) - 1) + f" **{totals['requests']:,}** | **{totals['tokens_in']:,}** | "
+        f"**{totals['tokens_out']:,}** | **{_money(totals['cost_usd'])}** |"
     )
-    by_app: dict[str, Decimal] = {}
-    for row in report.rows:
-        by_app[row["app"]] = by_app.get(row["app"], Decimal(0)) + row["cost_usd"]
-    if by_app:
+    if "app" in by:
+        owner = [d for d in ("team", "app") if d in by]
+        by_app: dict[str, Decimal] = {}
+        for row in report.rows:
+            name = "/".join(str(row[d]) for d in owner)
+            by_app[name] = by_app.get(name, Decimal(0)) + row["cost_usd"]
         lines += ["", "## By app", "", "| app | cost (USD) | share |", "|---|---:|---:|"]
         total = totals["cost_usd"] or Decimal(1)
         for app, cost in sorted(by_app.items(), key=lambda kv: -kv[1]):
-            lines.append(f"| {app} | {_money(cost)} | {float(cost / total):.1%} |")
+            lines.append(f"| {_md(app)} | {_money(cost)} | {float(cost / total):.1%} |")
     if totals.get("units"):
         lines += ["", "## Non-token charges (included in the costs above)", "", "| unit | quantity |", "|---|---:|"]
         for unit, n in sorted(totals["units"].items()):
@@ -191,6 +232,13 @@ def chargeback_markdown(team: str, month: str, report: Report) -> str:
     lines.append("")
     lines.append("Costs are priced per request from the provider's own usage figures (genai-prices, pinned).")
     return "\n".join(lines) + "\n"
+
+
+def _md(value: str | None) -> str:
+    """A value inside a Markdown table cell: a pipe would end the cell, a newline the row."""
+    if value is None:
+        return "(none)"
+    return value.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _money(value: Decimal) -> str:

@@ -20,6 +20,8 @@ import uvicorn
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from metergate.admin import AdminApi
+from metergate.admission import AdmissionChain
+from metergate.attribution import AttributionPolicy
 from metergate.auth import KeyRing, Principal
 from metergate.batches import BatchMeter, LedgerBatchStore, MemoryBatchStore, batch_guards, batch_taps
 from metergate.budgets import BudgetGuard
@@ -35,6 +37,7 @@ from metergate.metrics import Meter
 from metergate.passthrough import Passthrough
 from metergate.pricing import PriceBook
 from metergate.providers import build_upstream
+from metergate.ratelimits import RateLimiter
 from metergate.realtime import RealtimeRelay
 from metergate.rewrite import UploadSessions, url_taps
 from metergate.routing import Router
@@ -76,6 +79,17 @@ class _LedgerService(Service):
 
     async def stop(self) -> None:
         await self.ledger.stop(self.timeout_s)
+
+
+class _LimiterService(Service):
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    async def start(self) -> None:
+        await self.limiter.start()
+
+    async def stop(self) -> None:
+        await self.limiter.stop()
 
 
 class _GuardService(Service):
@@ -128,7 +142,7 @@ class KeySync(Service):
             return  # keep the keys we know until the ledger answers again
         for key in active:
             self.labels.allow(key.team, key.app)
-        self.keys.replace_dynamic({k.sha256: Principal(k.team, k.app, k.id) for k in active})
+        self.keys.replace_dynamic({k.sha256: k.principal() for k in active})
 
     async def _loop(self) -> None:
         while True:
@@ -155,10 +169,13 @@ def build_runtime(config: Config) -> Runtime:
     ledger = Ledger(config.ledger) if config.ledger is not None else None
     guard = BudgetGuard(config, prices, ledger)
     keys = KeyRing(config)
-    recorder = Recorder(labels, prices, meter, sinks=[ledger.sink] if ledger is not None else [], admission=guard)
+    limiter = RateLimiter(config)
+    admission = AdmissionChain(limiter, guard)
+    recorder = Recorder(labels, prices, meter, sinks=[ledger.sink] if ledger is not None else [], admission=admission)
     clients = UpstreamClients(config, upstreams)
     router = Router(config.routes, upstreams)
-    relay = Gateway(config, prices, labels, router, clients, recorder)
+    attribution = AttributionPolicy(config.attribution.tags)
+    relay = Gateway(config, prices, labels, router, clients, recorder, attribution)
     uploads = UploadSessions(keys)
     batch_store = LedgerBatchStore(ledger) if ledger is not None else MemoryBatchStore()
     batches = BatchMeter(
@@ -179,13 +196,17 @@ def build_runtime(config: Config) -> Runtime:
         },
         clock=guard.clock.time,
         sessions=uploads.authenticate,
+        attribution=attribution,
     )
     meter.add_collector(guard.collect)
+    meter.add_collector(attribution.collect)
+    meter.add_collector(limiter.collect)
     services: list[Service] = []
     if ledger is not None:
         meter.add_collector(ledger.collect)
         services.append(_LedgerService(ledger, config.server.shutdown_timeout_s or 30.0))
     services.append(_GuardService(guard))
+    services.append(_LimiterService(limiter))
     services.append(_ClientsService(clients, relay))
     services.append(_BatchesService(batches))
 
@@ -200,7 +221,7 @@ def build_runtime(config: Config) -> Runtime:
         services.append(KeySync(ledger, keys, labels))
     admin = AdminApi(guard, ledger, key_changed)
     realtime = RealtimeRelay(
-        config, keys, labels, router, clients, recorder, guard, dispatcher.next_id, guard.clock.time
+        config, keys, labels, router, clients, recorder, guard, dispatcher.next_id, guard.clock.time, attribution
     )
     return Runtime(config, dispatcher, meter, guard, ledger, admin, services, realtime)
 

@@ -253,6 +253,9 @@ class UsageRecord:
     latency_s: float = 0.0
     ttft_s: float | None = None
     price_notes: tuple[str, ...] = ()  # the price modifiers that applied (service tier, batch, regional...)
+    # Attribution kept in the ledger only (unbounded sets, never labels): the end user and the tags, sorted by key.
+    user: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
 
     def set_cost(self, cost: Decimal | None, complete: bool = True, notes: tuple[str, ...] = ()) -> None:
         """Record the price: None, or `complete` False, when some charge had no known price (then `cost` is what

@@ -28,7 +28,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from metergate.config import LedgerConfig
 from metergate.ledger.schema import RECORD_COLUMNS
 from metergate.ledger.spool import Spool
-from metergate.ledger.store import ApiKey, BatchRow, LedgerError, Rejected, Store, open_store, sqlite_path
+from metergate.ledger.store import (
+    ApiKey,
+    BatchRow,
+    LedgerError,
+    Rejected,
+    Store,
+    open_store,
+    sqlite_path,
+    tags_json,
+)
 from metergate.usage import UsageRecord
 
 log = logging.getLogger("metergate.ledger")
@@ -80,6 +89,8 @@ def record_row(rec: UsageRecord, replica: str) -> tuple[Any, ...]:
         rec.error_type,
         replica,
         record_details(rec),
+        bounded_text(rec.user) if rec.user is not None else None,
+        tags_json(rec.tags),
     )
 
 
@@ -142,7 +153,7 @@ def default_spool_path(config: LedgerConfig) -> Path:
     path = sqlite_path(config.url)
     if path is not None:
         return path.with_name(path.name + ".spool")
-    digest = hashlib.sha256(_redact(config.url).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(redact_url(config.url).encode()).hexdigest()[:12]
     return Path(f"metergate-ledger-{digest}.spool")
 
 
@@ -230,7 +241,7 @@ class Ledger:
             self._last_error_log = now
             log.error(
                 "ledger %s is not usable (%s); records wait in the spool %s (%d records) until it is back",
-                _redact(self.config.url),
+                redact_url(self.config.url),
                 exc,
                 self.spool.path,
                 len(self.spool) + len(self._pending),
@@ -353,7 +364,7 @@ class Ledger:
         store = await self._ensure_store()
         if store is None:
             self._keep(batch)
-            raise LedgerError(f"the ledger database is not available: {_redact(self.config.url)}")
+            raise LedgerError(f"the ledger database is not available: {redact_url(self.config.url)}")
 
         def write_then_query() -> tuple[list[Rejected], T]:
             rejected = store.write(batch)
@@ -449,8 +460,8 @@ def _chunks(rows: list[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, 
         yield rows[i : i + size]
 
 
-def _redact(url: str) -> str:
-    """A database URL without its password, for logs."""
+def redact_url(url: str) -> str:
+    """A database (or Redis) URL without its password, for logs."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
@@ -458,4 +469,4 @@ def _redact(url: str) -> str:
     return url
 
 
-__all__ = ["ApiKey", "BatchRow", "Ledger", "LedgerError", "Rejected", "record_row", "sqlite_path"]
+__all__ = ["ApiKey", "BatchRow", "Ledger", "LedgerError", "Rejected", "record_row", "redact_url", "sqlite_path"]

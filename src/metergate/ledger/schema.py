@@ -154,6 +154,19 @@ MIGRATIONS += (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        5,
+        "attribution: the end user and the tags of each record, a key's tags, a batch creator's attribution",
+        _both(
+            "ALTER TABLE usage_records ADD COLUMN end_user TEXT",
+            "ALTER TABLE usage_records ADD COLUMN tags TEXT",
+            "ALTER TABLE api_keys ADD COLUMN tags TEXT",
+            "ALTER TABLE batches ADD COLUMN attribution TEXT",
+        ),
+    ),
+)
+
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 MIGRATIONS_TABLE = {
@@ -189,4 +202,6 @@ RECORD_COLUMNS = (
     "error_type",
     "replica",
     "details",
+    "end_user",
+    "tags",
 )

@@ -7,19 +7,26 @@ that happened mid-commit cannot count a request twice.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from metergate.auth import Principal
+from metergate.config import TAG_KEY_PATTERN
 from metergate.ledger.schema import MIGRATIONS, MIGRATIONS_TABLE, RECORD_COLUMNS, SCHEMA_VERSION, Dialect
 
 REPORT_DIMENSIONS = ("team", "app", "model", "provider", "endpoint", "key_id", "upstream_model")
+_TAG_KEY = re.compile(TAG_KEY_PATTERN)
 
 
 class LedgerError(Exception):
@@ -46,13 +53,17 @@ class ApiKey:
     name: str
     created_at: float
     revoked_at: float | None
+    tags: tuple[tuple[str, str], ...] = ()  # attribution tags every request of the key carries
+
+    def principal(self) -> Principal:
+        return Principal(self.team, self.app, self.id, self.tags)
 
 
 @dataclass(frozen=True, slots=True)
 class Aggregate:
     """Totals for one group of a report."""
 
-    group: tuple[str, ...]
+    group: tuple[str | None, ...]
     requests: int
     errors: int
     tokens_in: int
@@ -161,19 +172,43 @@ class Store(ABC):
         )
         return [(team, app, int(b), int(total)) for team, app, b, total in rows]
 
-    def aggregate(self, since: float, until: float, by: Sequence[str], team: str | None = None) -> list[Aggregate]:
-        for dim in by:
-            if dim not in REPORT_DIMENSIONS:
-                raise ValueError(f"cannot group by {dim!r}; choose from {', '.join(REPORT_DIMENSIONS)}")
+    def dimension_sql(self, dim: str, alias: str = "") -> str:
+        """The SQL expression a report dimension groups or filters by: a column, `user`, or `tag.<key>` (a key of
+        the tags JSON; the key is checked against the tag key pattern, so it is safe inside the SQL text)."""
+        if dim in REPORT_DIMENSIONS:
+            return alias + dim
+        if dim == "user":
+            return alias + "end_user"
+        key = dim.removeprefix("tag.")
+        if dim.startswith("tag.") and _TAG_KEY.fullmatch(key):
+            if self.dialect == "sqlite":
+                return f"json_extract({alias}tags, '$.{key}')"
+            return f"({alias}tags::jsonb ->> '{key}')"
+        raise ValueError(
+            f"cannot group or filter by {dim!r}; choose from {', '.join(REPORT_DIMENSIONS)}, user or tag.<key>"
+        )
+
+    def _where(
+        self, since: float, until: float, filters: Mapping[str, str] | None, alias: str = ""
+    ) -> tuple[str, list[Any]]:
         p = self._p
-        cols = ", ".join(by)
-        where = f"started_at >= {p} AND started_at < {p}"
+        where = f"{alias}started_at >= {p} AND {alias}started_at < {p}"
         params: list[Any] = [since, until]
-        if team is not None:
-            where += f" AND team = {p}"
-            params.append(team)
-        select = (cols + ", ") if by else ""
-        group = f" GROUP BY {cols} ORDER BY {cols}" if by else ""
+        for dim, value in (filters or {}).items():
+            where += f" AND {self.dimension_sql(dim, alias)} = {p}"
+            params.append(value)
+        return where, params
+
+    def aggregate(
+        self, since: float, until: float, by: Sequence[str], filters: Mapping[str, str] | None = None
+    ) -> list[Aggregate]:
+        """Totals per group of `by` (dimensions: see `dimension_sql`) over requests started in [since, until) that
+        match every filter. A group without a user or tag has None there."""
+        exprs = [self.dimension_sql(dim) for dim in by]
+        where, params = self._where(since, until, filters)
+        select = "".join(f"{e}, " for e in exprs)
+        positions = ", ".join(str(i + 1) for i in range(len(exprs)))
+        group = f" GROUP BY {positions} ORDER BY {positions}" if exprs else ""
         rows = self._execute(
             f"SELECT {select}COUNT(*), SUM(CASE WHEN error_type IS NULL THEN 0 ELSE 1 END), "
             "COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), COALESCE(SUM(tokens_cached), 0), "
@@ -183,7 +218,7 @@ class Store(ABC):
         n = len(by)
         return [
             Aggregate(
-                tuple(str(v) for v in row[:n]),
+                _group(row[:n]),
                 int(row[n]),
                 int(row[n + 1] or 0),
                 int(row[n + 2]),
@@ -196,45 +231,51 @@ class Store(ABC):
         ]
 
     def unit_totals(
-        self, since: float, until: float, by: Sequence[str], team: str | None = None
-    ) -> list[tuple[tuple[str, ...], str, int]]:
+        self, since: float, until: float, by: Sequence[str], filters: Mapping[str, str] | None = None
+    ) -> list[tuple[tuple[str | None, ...], str, int]]:
         """Non-token units (details.units) per group of a report: (group, unit, quantity)."""
-        for dim in by:
-            if dim not in REPORT_DIMENSIONS:
-                raise ValueError(f"cannot group by {dim!r}; choose from {', '.join(REPORT_DIMENSIONS)}")
-        p = self._p
-        cols = "".join(f"r.{d}, " for d in by)
+        exprs = [self.dimension_sql(dim, "r.") for dim in by]
         if self.dialect == "sqlite":
             source = "usage_records r, json_each(r.details, '$.units') j"
             quantity = "SUM(j.value)"
         else:
             source = "usage_records r, jsonb_each_text(r.details::jsonb -> 'units') j"
             quantity = "SUM(j.value::BIGINT)"
-        where = f"r.details IS NOT NULL AND r.started_at >= {p} AND r.started_at < {p}"
-        params: list[Any] = [since, until]
-        if team is not None:
-            where += f" AND r.team = {p}"
-            params.append(team)
-        rows = self._execute(f"SELECT {cols}j.key, {quantity} FROM {source} WHERE {where} GROUP BY {cols}j.key", params)
+        where, params = self._where(since, until, filters, "r.")
+        cols = "".join(f"{e}, " for e in exprs)
+        positions = "".join(f"{i + 1}, " for i in range(len(exprs)))
+        rows = self._execute(
+            f"SELECT {cols}j.key, {quantity} FROM {source} WHERE r.details IS NOT NULL AND {where} "
+            f"GROUP BY {positions}{len(exprs) + 1}",
+            params,
+        )
         n = len(by)
-        return [(tuple(str(v) for v in row[:n]), str(row[n]), int(row[n + 1])) for row in rows]
+        return [(_group(row[:n]), str(row[n]), int(row[n + 1])) for row in rows]
 
     # --- API keys --------------------------------------------------------------------------------------------
 
     def add_key(self, key: ApiKey) -> None:
         p = self._p
         self._execute(
-            f"INSERT INTO api_keys (id, sha256, team, app, name, created_at, revoked_at) "
-            f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, NULL)",
-            (key.id, key.sha256, key.team, key.app, key.name, key.created_at),
+            f"INSERT INTO api_keys (id, sha256, team, app, name, created_at, revoked_at, tags) "
+            f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, NULL, {p})",
+            (
+                key.id,
+                key.sha256,
+                key.team,
+                key.app,
+                key.name,
+                key.created_at,
+                tags_json(key.tags),
+            ),
         )
 
     def keys(self, include_revoked: bool = True) -> list[ApiKey]:
         where = "" if include_revoked else " WHERE revoked_at IS NULL"
         rows = self._execute(
-            f"SELECT id, sha256, team, app, name, created_at, revoked_at FROM api_keys{where} ORDER BY created_at"
+            f"SELECT id, sha256, team, app, name, created_at, revoked_at, tags FROM api_keys{where} ORDER BY created_at"
         )
-        return [ApiKey(*row) for row in rows]
+        return [ApiKey(row[0], row[1], row[2], row[3], row[4], row[5], row[6], tags=_tags(row[7])) for row in rows]
 
     def revoke_key(self, key_id: str) -> bool:
         p = self._p
@@ -251,8 +292,8 @@ class Store(ABC):
         created it."""
         p = self._p
         self._execute(
-            f"INSERT INTO batches (provider, batch_id, family, team, app, key_id, endpoint, model, created_at, "
-            f"output_ref, finished_at) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, NULL) "
+            "INSERT INTO batches (provider, batch_id, family, team, app, key_id, endpoint, model, created_at, "
+            f"output_ref, finished_at, attribution) VALUES ({', '.join([p] * 10)}, NULL, {p}) "
             "ON CONFLICT (provider, batch_id) DO UPDATE SET "
             "model = CASE WHEN excluded.model = '' THEN batches.model ELSE excluded.model END, "
             "output_ref = COALESCE(excluded.output_ref, batches.output_ref)",
@@ -267,15 +308,18 @@ class Store(ABC):
                 batch.model,
                 batch.created_at,
                 batch.output_ref,
+                orjson.dumps({"user": batch.user, "tags": dict(batch.tags)}).decode()
+                if batch.user is not None or batch.tags
+                else None,
             ),
         )
 
     def open_batches(self) -> list[BatchRow]:
         rows = self._execute(
-            "SELECT provider, batch_id, family, team, app, key_id, endpoint, model, created_at, output_ref "
-            "FROM batches WHERE finished_at IS NULL ORDER BY created_at"
+            "SELECT provider, batch_id, family, team, app, key_id, endpoint, model, created_at, output_ref, "
+            "attribution FROM batches WHERE finished_at IS NULL ORDER BY created_at"
         )
-        return [BatchRow(*row) for row in rows]
+        return [_batch_row(row) for row in rows]
 
     def finish_batch(self, provider: str, batch_id: str) -> None:
         p = self._p
@@ -323,6 +367,8 @@ class BatchRow:
     model: str
     created_at: float
     output_ref: str | None = None  # the results file (OpenAI output_file_id, Gemini responsesFile)
+    user: str | None = None  # the creator's attribution, which every batched request's record carries
+    tags: tuple[tuple[str, str], ...] = ()
 
 
 @contextmanager
@@ -475,6 +521,40 @@ def _pg_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
     for i in (10, 17, 18):
         out[i] = bool(out[i])
     return tuple(out)
+
+
+def _batch_row(row: tuple[Any, ...]) -> BatchRow:
+    user: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+    if row[10]:
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+            attribution = orjson.loads(row[10])
+            user = attribution.get("user") if isinstance(attribution.get("user"), str) else None
+            tags = _tags(orjson.dumps(attribution.get("tags")).decode())
+    provider, batch_id, family, team, app, key_id, endpoint, model, created_at, output_ref = row[:10]
+    return BatchRow(
+        provider, batch_id, family, team, app, key_id, endpoint, model, created_at, output_ref, user=user, tags=tags
+    )
+
+
+def _group(values: Sequence[Any]) -> tuple[str | None, ...]:
+    return tuple(None if v is None else str(v) for v in values)
+
+
+def tags_json(tags: tuple[tuple[str, str], ...]) -> str | None:
+    """Tags as a JSON object with sorted keys (None for none): one canonical text, queried with the JSON
+    functions of both databases."""
+    return orjson.dumps(dict(tags), option=orjson.OPT_SORT_KEYS).decode() if tags else None
+
+
+def _tags(text: str | None) -> tuple[tuple[str, str], ...]:
+    if not text:
+        return ()
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return ()
+    return tuple(sorted((str(k), str(v)) for k, v in value.items())) if isinstance(value, dict) else ()
 
 
 def _clean(exc: Exception) -> str:

@@ -193,6 +193,7 @@ class AnthropicApi(ApiAdapter):
             model=read_model(body.get("model")),
             stream=read_flag(body, "stream"),
             max_output_tokens=read_count(body, "max_tokens", bound=MAX_OUTPUT_TOKENS) or None,
+            end_user=metadata.get("user_id") if isinstance(metadata := body.get("metadata"), dict) else None,
         )
 
     def upstream_body(self, body: dict[str, Any], facts: RequestFacts, upstream_model: str | None) -> dict[str, Any]:

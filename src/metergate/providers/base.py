@@ -51,6 +51,8 @@ class RequestFacts:
     # Why the response to this request will carry no usage (a plain-text transcription, binary TTS audio), known
     # before it is sent: such requests count as unmetered routes.
     unmetered: str | None = None
+    # The end user the body names (OpenAI `user`/`safety_identifier`, Anthropic `metadata.user_id`), as sent.
+    end_user: object = None
 
 
 class StreamMeter(ABC):

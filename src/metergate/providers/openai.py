@@ -280,6 +280,12 @@ class ResponsesStreamMeter(SSEStreamMeter):
         raise self._error or UsageMissing("the stream ended without response.completed")
 
 
+def openai_end_user(body: dict[str, Any]) -> object:
+    """The end user an OpenAI request names: `user`, else its successor `safety_identifier`."""
+    user = body.get("user")
+    return user if user is not None else body.get("safety_identifier")
+
+
 class OpenAIApi(ApiAdapter):
     family = "openai"
 
@@ -328,6 +334,7 @@ class OpenAIApi(ApiAdapter):
             max_output_tokens=(max(caps) or None) if caps else None,
             inject_stream_usage=inject,
             choices=max(n, best_of),
+            end_user=openai_end_user(body),
         )
 
     def upstream_body(self, body: dict[str, Any], facts: RequestFacts, upstream_model: str | None) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def media_request_facts(
     # image at nothing.
     model = path_model if path_model is not None else read_model(body.get("model"))
     stream = _flag(body.get("stream"), "stream")
-    facts = RequestFacts(model=model, stream=stream, max_output_tokens=None)
+    facts = RequestFacts(model=model, stream=stream, max_output_tokens=None, end_user=body.get("user"))
     if op in IMAGE_OPS:
         facts.choices = _int(body.get("n"), "n", MAX_CHOICES) or 1
         size = body.get("size")
