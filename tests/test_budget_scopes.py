@@ -376,3 +376,108 @@ def test_two_replicas_hold_each_users_budget_together(simulator, tmp_path: Path,
     finally:
         for g in gateways:
             g.stop()
+
+
+# --- what a review found (each failed before its fix) ------------------------------------------------------------
+
+
+def test_budgets_of_one_scope_count_each_request_once(simulator, tmp_path: Path, tag: str) -> None:
+    # An alert and a block budget on the same scope and period share a counter: a request is counted once.
+    gw = scoped_gateway(
+        simulator,
+        tmp_path,
+        f"  - {{team: search, model: 'gpt-4o*', period: month, limit_usd: {ONE * 3}, action: block}}\n"
+        f"  - {{team: search, model: 'gpt-4o*', period: month, limit_usd: {ONE * 2}, action: alert}}\n",
+    )
+    try:
+        chat(gw, "search/ranker", tag)
+        chat(gw, "search/ranker", tag)
+        rows = httpx.get(f"{gw.url}/admin/budgets", headers={"authorization": f"Bearer {TOKEN}"}).json()
+        assert [r["spent_usd"] for r in rows] == pytest.approx([float(ONE * 2)] * 2)
+        chat(gw, "search/ranker", tag)  # the third fits the block budget: it was not counted twice
+        assert refused(lambda: chat(gw, "search/ranker", tag)).status_code == 429
+        assert spent(simulator, tag) == ONE * 3
+    finally:
+        gw.stop()
+
+
+def test_a_request_whose_bill_is_unknown_makes_the_budget_exhausted_not_busy(
+    user_gateway: Gateway, simulator, tag: str
+) -> None:
+    gw = user_gateway
+    # The provider reports no usage: the request's worst case stays held until the day ends.
+    stream = oa_stream = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["search/ranker"], max_retries=0)
+    for _ in oa_stream.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,
+        max_tokens=1000,
+        user="kim",
+        stream=True,
+        extra_headers={**HEADERS, "x-sim-tag": tag, "x-sim-fail": "no-usage"},
+    ):
+        pass
+    del stream
+    chat(gw, "search/ranker", tag, "kim")
+    err = refused(lambda: chat(gw, "search/ranker", tag, "kim"))
+    # What holds the rest will never clear before the reset: exhausted, and the SDK must not retry every 2 s.
+    assert err.body["code"] == "budget_exceeded" and err.response.headers["x-should-retry"] == "false"  # type: ignore[index]
+    assert "whose bill is unknown" in err.message
+
+
+def test_a_per_request_cap_needs_an_output_cap(simulator, tmp_path: Path, tag: str) -> None:
+    gw = scoped_gateway(simulator, tmp_path, "  - {team: ads, max_request_usd: 0.05}\n")
+    try:
+        c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["ads/bidder"], max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            c.chat.completions.create(model="o4-mini", messages=MESSAGES, extra_headers={"x-sim-tag": tag})
+        assert "set an output cap" in info.value.message
+        assert not simulator.app.billed(tag)
+        c.chat.completions.create(model="o4-mini", messages=MESSAGES, max_completion_tokens=500)
+    finally:
+        gw.stop()
+
+
+def test_a_spent_model_budget_refuses_creating_batches(simulator, tmp_path: Path, tag: str) -> None:
+    # A batch names its models only in its input file: while the gpt-4o budget is spent, no batch is created.
+    gw = scoped_gateway(
+        simulator, tmp_path, f"  - {{team: search, model: 'gpt-4o', period: day, limit_usd: {ONE}, action: block}}\n"
+    )
+    try:
+        chat(gw, "search/ranker", tag)
+        r = httpx.post(
+            f"{gw.url}/v1/batches",
+            headers={"authorization": f"Bearer {KEYS['search/ranker']}"},
+            json={"input_file_id": "file-abc", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        )
+        assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded"
+        # Other teams' batches, and this team's uploads, are not held by it.
+        upload = httpx.get(f"{gw.url}/v1/files", headers={"authorization": f"Bearer {KEYS['search/ranker']}"})
+        assert upload.status_code == 200
+    finally:
+        gw.stop()
+
+
+def test_counters_of_users_who_spent_nothing_are_not_kept() -> None:
+    from metergate.budgets import Clock, Hold, LocalReservations, SpendTracker
+    from metergate.config import BudgetConfig
+
+    tracker = SpendTracker(ZoneInfo("UTC"), Clock())
+    local = LocalReservations(tracker)
+    budget = BudgetConfig(team="t", user="*", period="day", limit_usd=1, action="block")
+    w = tracker.current()["day"]
+
+    async def run() -> None:
+        for i in range(1000):
+            hold = Hold(budget, w, 1000, f"t/*/day;user=*|u{i}")
+            assert (await local.reserve(hold, 10**12)).admitted
+            local.release(hold)
+        assert local._reserved == {}
+        kept = Hold(budget, w, 1000, "t/*/day;user=*|k")
+        await local.reserve(kept, 10**12)
+        local.release(kept, keep_pusd=400)
+        assert local.reserved_pusd(kept.counter, w.start_ts) == 400 == local.kept_pusd(kept.counter, w.start_ts)
+        tracker.clock.skew_s = w.end_ts - time.time() + 1  # the day is over
+        await local.expire()
+        assert local._reserved == {} and local._kept == {}
+
+    asyncio.run(run())

@@ -249,7 +249,7 @@ def test_every_replica_reports_the_reservations_of_all(pg_url: str) -> None:
         hold = Hold(budget, window("day", datetime.now(UTC), a.tz), 5_000_000)
         seen = []
         try:
-            assert (await a.reservations.reserve(hold, 10**13))[0]
+            assert (await a.reservations.reserve(hold, 10**13)).admitted
             await b.reservations.reconcile()
             seen.append(b.reservations.reserved_pusd(hold.counter, hold.window_start))
             await a.reservations.settle(hold, 4_000_000)

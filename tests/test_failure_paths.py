@@ -143,8 +143,7 @@ def test_shared_settlement_after_the_hold_expired_still_counts_the_spend(pg_url:
         reservations.hold_ttl_s = -1  # every hold is already expired
         budget = cfg.budgets[0]
         hold = Hold(budget, guard.tracker.current()["day"], to_pusd(Decimal("1")))
-        ok, _, _ = await reservations.reserve(hold, to_pusd(Decimal("10")))
-        assert ok
+        assert (await reservations.reserve(hold, to_pusd(Decimal("10")))).admitted
         await reservations.expire()  # the replica "died": its hold is released
         await reservations.settle(hold, to_pusd(Decimal("0.75")))  # ...and settles late after all
         rows = await reservations._run(

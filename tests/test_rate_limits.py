@@ -216,3 +216,46 @@ def test_redis_away_falls_back_to_counting_in_process(simulator, tmp_path: Path,
         assert "not reachable" in gw.log()
     finally:
         gw.stop()
+
+
+def test_a_requests_limit_and_a_tokens_limit_given_apart_count_each_request_once(
+    simulator, tmp_path: Path, tag: str
+) -> None:
+    gw = limited_gateway(
+        simulator,
+        tmp_path,
+        "  - {team: search, app: ranker, requests_per_minute: 4}\n"
+        "  - {team: search, app: ranker, tokens_per_minute: 1000000}\n",
+    )
+    try:
+        wait_for_a_fresh_minute()
+        for _ in range(4):
+            call(gw, "search/ranker", tag)
+        with pytest.raises(openai.RateLimitError) as info:
+            call(gw, "search/ranker", tag)
+        h = info.value.response.headers
+        assert h["x-ratelimit-limit-requests"] == "4" and h["x-ratelimit-limit-tokens"] == "1000000"
+    finally:
+        gw.stop()
+
+
+def test_settling_a_window_that_is_over_leaves_no_key_behind() -> None:
+    from metergate.ratelimits import SharedWindows
+
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+
+    async def run() -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(REDIS_URL)
+        shared = SharedWindows(client, 1.0)
+        now = int(time.time() // 60)
+        shared.adjust(f"{prefix}:old", now - 10, -500)  # a request that outlived its window: nothing to correct
+        shared.adjust(f"{prefix}:new", now, -500)
+        await shared.drain(2)
+        assert await client.exists(f"{prefix}:old:{now - 10}:t") == 0
+        assert 0 < await client.ttl(f"{prefix}:new:{now}:t") <= 180
+        await client.delete(f"{prefix}:new:{now}:t")
+        await client.aclose()
+
+    asyncio.run(run())

@@ -11,7 +11,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl
@@ -26,6 +26,7 @@ from metergate.budgets import BudgetGuard
 from metergate.config import RESERVED_LABELS, LabelValue, TagKey, TagValue, hash_key
 from metergate.errors import GatewayError
 from metergate.ledger import ApiKey, Ledger, LedgerError
+from metergate.ledger.store import Adjustment
 from metergate.periods import PERIODS, parse_day
 from metergate.reports import (
     build_report,
@@ -36,6 +37,7 @@ from metergate.reports import (
     statement_subject,
     to_csv,
 )
+from metergate.usage import from_pusd
 
 if TYPE_CHECKING:
     from metergate.exchange import RequestBody
@@ -48,6 +50,7 @@ class KeyCreate(BaseModel):
     app: LabelValue
     name: str = Field(default="", max_length=200)
     tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=64)
+    include_cost: bool = Field(default=False, description="Every response to the key carries its cost.")
 
     @field_validator("team", "app")
     @classmethod
@@ -75,6 +78,7 @@ class KeyInfo(BaseModel):
     created_at: float
     revoked_at: float | None
     tags: dict[str, str] = Field(default_factory=dict)
+    include_cost: bool = False
 
 
 class KeyCreated(KeyInfo):
@@ -82,6 +86,16 @@ class KeyCreated(KeyInfo):
 
 
 PeriodName = Literal["day", "week", "month", "quarter", "year"]
+
+
+class AdjustmentSummary(BaseModel):
+    id: str
+    at: float
+    by: str
+    reason: str
+    limit_usd: float | None = None
+    until: float | None = None
+    set_aside_usd: float | None = None
 
 
 class BudgetStatus(BaseModel):
@@ -95,7 +109,10 @@ class BudgetStatus(BaseModel):
     model: str | None = None
     provider: str | None = None
     period: PeriodName
-    limit_usd: float
+    limit_usd: float = Field(description="The limit in force: an override's while it lasts.")
+    configured_limit_usd: float | None = None
+    override: AdjustmentSummary | None = None
+    reset: AdjustmentSummary | None = Field(default=None, description="A reset in the current period.")
     max_request_usd: float | None = None
     action: Literal["block", "alert"]
     warn_at: float
@@ -104,6 +121,34 @@ class BudgetStatus(BaseModel):
     forecast_usd: float
     period_start: str
     resets_at: str
+
+
+class OverrideCreate(BaseModel):
+    budget: str = Field(max_length=600, description="The budget's id as GET /admin/budgets lists it (or <id>|<user>).")
+    limit_usd: float = Field(gt=0, le=1e12, allow_inf_nan=False)
+    until: datetime = Field(description="ISO 8601; without an offset, in the gateway's timezone.")
+    reason: str = Field(default="", max_length=500)
+    by: str = Field(default="admin-api", min_length=1, max_length=200, description="Who asks, for the record.")
+
+
+class ResetCreate(BaseModel):
+    budget: str = Field(max_length=600, description="The budget's id (a per-user budget: <id>|<user>).")
+    reason: str = Field(default="", max_length=500)
+    by: str = Field(default="admin-api", min_length=1, max_length=200)
+
+
+class AdjustmentInfo(BaseModel):
+    id: str
+    kind: Literal["override", "reset"]
+    budget: str
+    period_start: float
+    limit_usd: float | None
+    until: float | None
+    set_aside_usd: float | None
+    created_at: float
+    created_by: str
+    reason: str
+    ended_at: float | None
 
 
 class SpendRow(BaseModel):
@@ -158,6 +203,10 @@ class AdminApi:
             ("POST", "/admin/keys", self._create_key),
             ("DELETE", "/admin/keys/{id}", self._revoke_key),
             ("GET", "/admin/budgets", self._budgets),
+            ("GET", "/admin/budgets/adjustments", self._list_adjustments),
+            ("POST", "/admin/budgets/overrides", self._override),
+            ("DELETE", "/admin/budgets/overrides/{id}", self._end_override),
+            ("POST", "/admin/budgets/resets", self._reset),
             ("GET", "/admin/spend", self._spend),
             ("GET", "/admin/reports", self._report),
             ("GET", "/admin/reports/chargeback", self._chargeback),
@@ -218,7 +267,7 @@ class AdminApi:
         if problem:
             return 422, {"error": {"message": problem}}, "application/json"
         ledger = self._need_ledger()
-        key, record = new_key(request.team, request.app, request.name, request.tags)
+        key, record = new_key(request.team, request.app, request.name, request.tags, request.include_cost)
         store = await ledger.store()
         await ledger.call(store.add_key, record)
         self.on_key(record.sha256, record.principal())
@@ -235,6 +284,36 @@ class AdminApi:
 
     async def _budgets(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
         return 200, self.guard.status(), "application/json"
+
+    async def _list_adjustments(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        ledger = self._need_ledger()
+        store = await ledger.store()
+        since = self.guard.clock.time() - 400 * 86400
+        found = await ledger.call(store.adjustments, since)
+        return 200, [adjustment_info(a).model_dump() for a in found], "application/json"
+
+    async def _override(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        request = OverrideCreate.model_validate_json(body or b"{}")
+        until = request.until if request.until.tzinfo else request.until.replace(tzinfo=self.guard.tz)
+        made = await self.guard.adjust(
+            "override",
+            request.budget,
+            request.by,
+            request.reason,
+            limit_usd=Decimal(str(request.limit_usd)),
+            until=until.timestamp(),
+        )
+        return 201, adjustment_info(made).model_dump(), "application/json"
+
+    async def _end_override(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        if not await self.guard.end_override(args[0]):
+            return 404, {"error": {"message": f"no active override {args[0]}"}}, "application/json"
+        return 200, {"id": args[0], "ended": True}, "application/json"
+
+    async def _reset(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        request = ResetCreate.model_validate_json(body or b"{}")
+        made = await self.guard.adjust("reset", request.budget, request.by, request.reason)
+        return 201, adjustment_info(made).model_dump(), "application/json"
 
     async def _spend(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
         period = params.get("period", "month")
@@ -270,6 +349,22 @@ class AdminApi:
         return 200, chargeback_markdown(statement_subject(filters), month, report), "text/markdown; charset=utf-8"
 
 
+def adjustment_info(a: Adjustment) -> AdjustmentInfo:
+    return AdjustmentInfo(
+        id=a.id,
+        kind=a.kind,  # type: ignore[arg-type]
+        budget=a.counter,
+        period_start=a.period_start,
+        limit_usd=None if a.limit_usd is None else float(a.limit_usd),
+        until=a.until,
+        set_aside_usd=None if a.offset_pusd is None else float(from_pusd(a.offset_pusd)),
+        created_at=a.created_at,
+        created_by=a.created_by,
+        reason=a.reason,
+        ended_at=a.ended_at,
+    )
+
+
 def report_filters(params: dict[str, str]) -> dict[str, str]:
     """The `team=` and `tag=KEY=VALUE` query parameters as report filters."""
     filters = {"team": params["team"]} if params.get("team") else {}
@@ -286,7 +381,9 @@ def _format(params: dict[str, str], *allowed: str) -> str:
     return fmt
 
 
-def new_key(team: str, app: str, name: str = "", tags: dict[str, str] | None = None) -> tuple[str, ApiKey]:
+def new_key(
+    team: str, app: str, name: str = "", tags: dict[str, str] | None = None, include_cost: bool = False
+) -> tuple[str, ApiKey]:
     key = "mg-" + secrets.token_urlsafe(32)
     record = ApiKey(
         id="key_" + secrets.token_hex(6),
@@ -297,6 +394,7 @@ def new_key(team: str, app: str, name: str = "", tags: dict[str, str] | None = N
         created_at=time.time(),
         revoked_at=None,
         tags=tuple(sorted((tags or {}).items())),
+        include_cost=include_cost,
     )
     return key, record
 
@@ -311,6 +409,7 @@ def _key_info(k: ApiKey) -> KeyInfo:
         created_at=k.created_at,
         revoked_at=k.revoked_at,
         tags=dict(k.tags),
+        include_cost=k.include_cost,
     )
 
 
@@ -348,7 +447,21 @@ def _default(value: Any) -> Any:
 
 def openapi_schema() -> dict[str, Any]:
     """The admin API's OpenAPI 3.1 document, built from the pydantic models above."""
-    models = {m.__name__: m for m in (KeyCreate, KeyInfo, KeyCreated, BudgetStatus, SpendRow, ReportRow, ErrorBody)}
+    models = {
+        m.__name__: m
+        for m in (
+            KeyCreate,
+            KeyInfo,
+            KeyCreated,
+            BudgetStatus,
+            OverrideCreate,
+            ResetCreate,
+            AdjustmentInfo,
+            SpendRow,
+            ReportRow,
+            ErrorBody,
+        )
+    }
     schemas: dict[str, Any] = {}
     for name, model in models.items():
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -394,6 +507,30 @@ def openapi_schema() -> dict[str, Any]:
         },
         "/admin/budgets": {
             "get": {"summary": "Budgets with spend, reservations, forecast", "responses": ok(array("BudgetStatus"))}
+        },
+        "/admin/budgets/adjustments": {
+            "get": {"summary": "Overrides and resets of the last 400 days", "responses": ok(array("AdjustmentInfo"))}
+        },
+        "/admin/budgets/overrides": {
+            "post": {
+                "summary": "Override a budget's limit until a time (recorded in the ledger: who, when, why)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref("OverrideCreate")}}},
+                "responses": ok(ref("AdjustmentInfo"), "201"),
+            }
+        },
+        "/admin/budgets/overrides/{id}": {
+            "delete": {
+                "summary": "End an override before its time",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {**ok({"type": "object"}), "404": {"description": "no such active override"}},
+            }
+        },
+        "/admin/budgets/resets": {
+            "post": {
+                "summary": "Reset a budget's spend for the rest of its current period (recorded in the ledger)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref("ResetCreate")}}},
+                "responses": ok(ref("AdjustmentInfo"), "201"),
+            }
         },
         "/admin/spend": {
             "get": {

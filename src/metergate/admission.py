@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from metergate.budgets import BudgetGuard
-from metergate.errors import GatewayError
 from metergate.ratelimits import RateLimiter, Ticket
 
 if TYPE_CHECKING:
@@ -34,7 +33,8 @@ class AdmissionChain:
         ticket = await self.limiter.admit(ctx) if self.limiter.limits else None
         try:
             held = await self.budgets.reserve(ctx)
-        except GatewayError:
+        except BaseException:
+            # Refused by a budget (or the budget store failed): the request is not sent, its tokens are returned.
             self.limiter.cancel(ticket)
             raise
         if ticket is None:

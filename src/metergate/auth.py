@@ -26,6 +26,7 @@ class Principal:
     app: str
     key_id: str
     tags: tuple[tuple[str, str], ...] = ()  # the key's own attribution tags, sorted by key
+    include_cost: bool = False  # every response to this key carries its cost (costfield.py)
 
 
 def presented_key(headers: Mapping[str, str], query: str) -> str | None:
@@ -58,7 +59,8 @@ class KeyRing:
     def __init__(self, config: Config) -> None:
         self._trusted_headers = config.server.trusted_headers
         self._by_hash: dict[str, Principal] = {
-            k.sha256: Principal(k.team, k.app, k.key_id, tuple(sorted(k.tags.items()))) for k in config.keys
+            k.sha256: Principal(k.team, k.app, k.key_id, tuple(sorted(k.tags.items())), k.include_cost)
+            for k in config.keys
         }
         self._static = frozenset(self._by_hash)
 

@@ -19,7 +19,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from fnmatch import fnmatchcase
@@ -33,7 +33,7 @@ from metergate.errors import GatewayError
 from metergate.estimate import worst_case_tokens
 from metergate.forecast import forecast
 from metergate.ledger import Ledger
-from metergate.ledger.store import LedgerError, PostgresStore, Store
+from metergate.ledger.store import Adjustment, LedgerError, PostgresStore, Store
 from metergate.periods import PERIODS, Period, Window, window
 from metergate.pricing import PriceBook
 from metergate.scopes import ScopeIndex, Subject, scope_id
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from metergate.exchange import RequestContext
 
 log = logging.getLogger("metergate.budgets")
+
+# Operations whose output has no bound but the one the request sets (text generation).
+OPEN_ENDED_OPS = frozenset({"chat", "completions", "responses", "messages", "generate", "stream_generate"})
 
 ScopeKey = tuple[str, str]  # (team, app); app "" = the whole team; (SCOPED, counter id) for other scopes
 SCOPED = "\0"  # never a team name (label values are printable)
@@ -189,6 +192,13 @@ class SpendTracker:
         self._local = {k: v for k, v in self._local.items() if k in current}
         self._mark = {k: v for k, v in self._mark.items() if k in current}
 
+    def prune(self) -> None:
+        """Drop the counts of periods that have ended (with a ledger, `resync` does it too)."""
+        current = {(p, w.start_ts) for p, w in self.current().items()}
+        self._local = {k: v for k, v in self._local.items() if k in current}
+        self._mark = {k: v for k, v in self._mark.items() if k in current}
+        self._base = {k: v for k, v in self._base.items() if k in current}
+
     def teams(self) -> set[str]:
         found: set[str] = set()
         for d in (*self._base.values(), *self._local.values()):
@@ -247,21 +257,35 @@ class BudgetStoreError(RuntimeError):
     """The shared budget counters refused an update (not an outage): the request is refused, not let through."""
 
 
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """A counter as a reservation found it: admitted or not, spend, reservations in flight, and the part of those
+    kept until the period ends (requests whose bill is unknown: they never clear)."""
+
+    admitted: bool
+    spent: int
+    reserved: int
+    kept: int = 0
+
+
 class LocalReservations:
     """Reservations of one gateway process, in memory."""
 
     def __init__(self, tracker: SpendTracker) -> None:
         self.tracker = tracker
         self._reserved: dict[tuple[str, float], int] = {}
+        self._kept: dict[tuple[str, float], int] = {}
+        self._ends: dict[tuple[str, float], float] = {}
 
-    async def reserve(self, hold: Hold, limit_pusd: int) -> tuple[bool, int, int]:
+    async def reserve(self, hold: Hold, limit_pusd: int) -> Standing:
         key = (hold.counter, hold.window_start)
         spent = self.tracker.spent(hold.spend_key, hold.window.period, hold.window)
         reserved = self._reserved.get(key, 0)
         if spent + reserved >= limit_pusd:
-            return False, spent, reserved
+            return Standing(False, spent, reserved, self._kept.get(key, 0))
         self._reserved[key] = reserved + hold.amount_pusd
-        return True, spent, reserved
+        self._ends[key] = hold.window.end_ts
+        return Standing(True, spent, reserved)
 
     async def settle(self, hold: Hold, actual_pusd: int, keep_pusd: int = 0) -> None:
         self.release(hold, keep_pusd)
@@ -270,13 +294,30 @@ class LocalReservations:
         """Synchronous: the record's cost enters the spend in the same instant its reservation leaves. `keep_pusd`
         of it stays reserved until the period ends (a request whose final bill is unknown)."""
         key = (hold.counter, hold.window_start)
-        self._reserved[key] = self._reserved.get(key, 0) - hold.amount_pusd + min(keep_pusd, hold.amount_pusd)
+        keep = min(keep_pusd, hold.amount_pusd)
+        left = self._reserved.get(key, 0) - hold.amount_pusd + keep
+        if left:
+            self._reserved[key] = left
+        else:
+            # Counters come and go with users: an empty one is not kept.
+            self._reserved.pop(key, None)
+            self._ends.pop(key, None)
+        if keep:
+            self._kept[key] = self._kept.get(key, 0) + keep
 
     def reserved_pusd(self, counter: str, window_start: float) -> int:
         return self._reserved.get((counter, window_start), 0)
 
+    def kept_pusd(self, counter: str, window_start: float) -> int:
+        return self._kept.get((counter, window_start), 0)
+
     async def expire(self) -> None:
-        return None
+        """Forget the reservations of periods that have ended (what was kept for unknown bills included)."""
+        now = self.tracker.clock.time()
+        for key in [k for k, end in self._ends.items() if end <= now]:
+            self._reserved.pop(key, None)
+            self._kept.pop(key, None)
+            self._ends.pop(key, None)
 
     async def reconcile(self) -> None:
         return None
@@ -296,7 +337,7 @@ class SharedReservations:
         self._size = 0
         self._max = 8
         self._ensured: dict[tuple[str, float], Hold] = {}
-        self._seen: dict[tuple[str, float], tuple[int, int]] = {}
+        self._seen: dict[tuple[str, float], tuple[int, int, int]] = {}  # (spent, reserved, kept) last read
 
     async def _conn(self) -> Any:
         import psycopg
@@ -358,7 +399,7 @@ class SharedReservations:
             )
         self._ensured[(scope, hold.window_start)] = hold
 
-    async def reserve(self, hold: Hold, limit_pusd: int) -> tuple[bool, int, int]:
+    async def reserve(self, hold: Hold, limit_pusd: int) -> Standing:
         await self._ensure_row(hold)
         hold.hold_id = uuid.uuid4().hex
         scope = hold.counter
@@ -381,15 +422,16 @@ class SharedReservations:
         )
         if rows:
             spent, reserved = int(rows[0][0]), int(rows[0][1]) - hold.amount_pusd
-            self._seen[(scope, hold.window_start)] = (spent, reserved + hold.amount_pusd)
-            return True, spent, reserved
+            self._seen[(scope, hold.window_start)] = (spent, reserved + hold.amount_pusd, 0)
+            return Standing(True, spent, reserved)
         now = await self._run(
-            "SELECT spent_pusd, reserved_pusd FROM budget_spend WHERE scope = %(scope)s AND period_start = %(start)s",
+            "SELECT spent_pusd, reserved_pusd, kept_pusd FROM budget_spend "
+            "WHERE scope = %(scope)s AND period_start = %(start)s",
             {"scope": scope, "start": hold.window_start},
         )
-        spent, reserved = (int(now[0][0]), int(now[0][1])) if now else (0, 0)
-        self._seen[(scope, hold.window_start)] = (spent, reserved)
-        return False, spent, reserved
+        spent, reserved, kept = (int(now[0][0]), int(now[0][1]), int(now[0][2])) if now else (0, 0, 0)
+        self._seen[(scope, hold.window_start)] = (spent, reserved, kept)
+        return Standing(False, spent, reserved, kept)
 
     async def settle(self, hold: Hold, actual_pusd: int, keep_pusd: int = 0) -> None:
         """The real cost always enters the spend; the reservation leaves it only if its hold still exists (a hold
@@ -417,7 +459,8 @@ class SharedReservations:
             "kept AS (UPDATE budget_holds SET amount_pusd = %(keep)s, expires_at = %(until)s WHERE id = %(id)s "
             "RETURNING amount_pusd) "
             "UPDATE budget_spend SET reserved_pusd = reserved_pusd - COALESCE((SELECT SUM(amount_pusd) FROM old), 0) "
-            "+ COALESCE((SELECT SUM(amount_pusd) FROM kept), 0), spent_pusd = spent_pusd + %(actual)s "
+            "+ COALESCE((SELECT SUM(amount_pusd) FROM kept), 0), spent_pusd = spent_pusd + %(actual)s, "
+            "kept_pusd = kept_pusd + COALESCE((SELECT SUM(amount_pusd) FROM kept), 0) "
             "WHERE scope = %(scope)s AND period_start = %(start)s",
             params,
         )
@@ -425,12 +468,15 @@ class SharedReservations:
     async def reconcile(self) -> None:
         """Spend the counters missed (a settlement lost to a database outage) is taken from the ledger; then every
         current counter is read back, so what this replica reports includes the other replicas' reservations."""
+        scoped: list[tuple[str, float, int]] = []
         for (scope, start), hold in list(self._ensured.items()):
             w = hold.window
             if not w.contains(self.tracker.clock.time()):
                 del self._ensured[(scope, start)]
                 continue
-            if hold.budget.simple:
+            if not hold.budget.simple:
+                scoped.append((scope, start, self.tracker.spent(hold.spend_key, w.period, w)))
+            else:
                 team, app = scope_of(hold.budget)
                 await self._run(
                     "UPDATE budget_spend SET spent_pusd = GREATEST(spent_pusd, (SELECT COALESCE(SUM(cost_pusd), 0) "
@@ -439,19 +485,26 @@ class SharedReservations:
                     "WHERE scope = %(scope)s AND period_start = %(start)s",
                     {"team": team, "app": app, "start": start, "end": w.end_ts, "scope": scope},
                 )
-            else:
-                await self._run(
-                    "UPDATE budget_spend SET spent_pusd = GREATEST(spent_pusd, %(tracked)s) "
-                    "WHERE scope = %(scope)s AND period_start = %(start)s",
-                    {"tracked": self.tracker.spent(hold.spend_key, w.period, w), "start": start, "scope": scope},
-                )
-        # A year is the longest period: older rows are no budget's current window.
+        if scoped:
+            # Scoped counters (one per user of a per-user budget: there can be many) in one statement.
+            await self._run(
+                "UPDATE budget_spend b SET spent_pusd = GREATEST(b.spent_pusd, v.tracked) "
+                "FROM unnest(%(scopes)s::text[], %(starts)s::float8[], %(tracked)s::numeric[]) AS v(scope, start, "
+                "tracked) WHERE b.scope = v.scope AND b.period_start = v.start AND v.tracked > b.spent_pusd",
+                {
+                    "scopes": [s for s, _, _ in scoped],
+                    "starts": [t for _, t, _ in scoped],
+                    "tracked": [v for _, _, v in scoped],
+                },
+            )
+        # Only the current periods' rows are read back (every replica's reservations, for status and Realtime).
+        starts = sorted({w.start_ts for w in self.tracker.current().values()})
         rows = await self._run(
-            "SELECT scope, period_start, spent_pusd, reserved_pusd FROM budget_spend WHERE period_start >= %(since)s",
-            {"since": self.tracker.clock.time() - 367 * 86400},
+            "SELECT scope, period_start, spent_pusd, reserved_pusd, kept_pusd FROM budget_spend "
+            "WHERE period_start = ANY(%(starts)s)",
+            {"starts": starts},
         )
-        for scope, start, spent, reserved in rows:
-            self._seen[(scope, float(start))] = (int(spent), int(reserved))
+        self._seen = {(scope, float(start)): (int(s), int(r), int(k)) for scope, start, s, r, k in rows}
 
     async def expire(self) -> None:
         """Release holds whose replica died before settling them."""
@@ -463,9 +516,24 @@ class SharedReservations:
             "WHERE b.scope = s.scope AND b.period_start = s.period_start",
             {"now": self.tracker.clock.time()},
         )
+        # Counters of periods long over (a year is the longest) serve no budget: per-user budgets leave many.
+        await self._run(
+            "DELETE FROM budget_spend WHERE period_start < %(before)s AND reserved_pusd = 0",
+            {"before": self.tracker.clock.time() - 367 * 86400},
+        )
 
     def reserved_pusd(self, counter: str, window_start: float) -> int:
-        return self._seen.get((counter, window_start), (0, 0))[1]
+        return self._seen.get((counter, window_start), (0, 0, 0))[1]
+
+    def kept_pusd(self, counter: str, window_start: float) -> int:
+        return self._seen.get((counter, window_start), (0, 0, 0))[2]
+
+    async def spent_now(self, counter: str, window_start: float) -> int:
+        rows = await self._run(
+            "SELECT spent_pusd FROM budget_spend WHERE scope = %(scope)s AND period_start = %(start)s",
+            {"scope": counter, "start": window_start},
+        )
+        return int(rows[0][0]) if rows else 0
 
     async def close(self) -> None:
         while not self._pool.empty():
@@ -486,7 +554,8 @@ class BudgetGuard:
         self.clock = Clock()
         self.tracker = SpendTracker(self.tz, self.clock, config.server.fiscal_year_start_month)
         self.budgets = list(config.budgets)
-        self.index: ScopeIndex[BudgetConfig] = ScopeIndex(self.budgets, budget_id, lambda b: b.period)
+        # A budget naming a user replaces the `*` budget of its scope with the same period and action.
+        self.index: ScopeIndex[BudgetConfig] = ScopeIndex(self.budgets, budget_id, lambda b: (b.period, b.action))
         # Per budget, computed once: its warn and limit thresholds and its per-request cap, in pico-dollars.
         self._thresholds = {
             id(b): (to_pusd(Decimal(str(b.limit_usd * b.warn_at))), to_pusd(Decimal(str(b.limit_usd))))
@@ -494,6 +563,10 @@ class BudgetGuard:
             if b.limit_usd is not None
         }
         self._caps = {id(b): to_pusd(Decimal(str(b.max_request_usd))) for b in self.budgets if b.max_request_usd}
+        # Overrides by counter id, and resets by (counter, period start): from the ledger (apply_adjustments).
+        self._adjustments: list[Adjustment] = []
+        self._overrides: dict[str, Adjustment] = {}
+        self._resets: dict[tuple[str, float], int] = {}
         # Scoped budgets with a period: their spend is counted per counter, beside the team/app totals.
         self._scoped = [b for b in self.budgets if not b.simple and b.period is not None]
         self._estimates: dict[tuple[str, str, int, int, tuple[tuple[str, int], ...]], int] = {}
@@ -530,6 +603,7 @@ class BudgetGuard:
     async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(15)
+            self.tracker.prune()
             try:
                 await self._sync()
                 await self.reservations.expire()
@@ -555,6 +629,10 @@ class BudgetGuard:
                         self.clock.skew_s,
                     )
             await self.tracker.resync(self.ledger, self._scoped_totals if self._scoped else None)
+            if any(b.period is not None for b in self.budgets):
+                # A year is the longest period an override or a reset can still matter in.
+                since = self.clock.time() - 400 * 86400
+                self.apply_adjustments(await self.ledger.call(store.adjustments, since))
             if forecasts:
                 await self._refresh_forecasts()
         except LedgerError as exc:
@@ -565,8 +643,12 @@ class BudgetGuard:
     ) -> dict[tuple[Period, float], dict[ScopeKey, int]]:
         """The ledger's spend for every scoped budget's counters in its current period (in the ledger's thread)."""
         out: dict[tuple[Period, float], dict[ScopeKey, int]] = {}
+        done: set[tuple[str, str]] = set()
         for b in self._scoped:
             assert b.period is not None
+            if (self.index.id_of(b), b.period) in done:
+                continue  # another budget of the same scope and period: the same counters
+            done.add((self.index.id_of(b), b.period))
             w = windows[b.period]
             filters = {
                 dim: value
@@ -621,10 +703,25 @@ class BudgetGuard:
         applicable = self.index.matching(subject)
         if not applicable:
             return None
-        blocking = [(b, c) for b, c in applicable if b.action == "block" and b.period is not None]
+        # Two block budgets of one scope and period share a counter: the stricter limit holds it, once.
+        blocking: dict[tuple[str, str], tuple[BudgetConfig, str]] = {}
+        for b, c in applicable:
+            if b.action == "block" and b.period is not None:
+                other = blocking.get((c, b.period))
+                if other is None or self.limits(b, c)[1] < self.limits(other[0], c)[1]:
+                    blocking[(c, b.period)] = (b, c)
         capped = [b for b, _ in applicable if id(b) in self._caps]
         if not blocking and not capped:
             return None
+        if (
+            capped
+            and ctx.facts is not None
+            and ctx.facts.max_output_tokens is None
+            and (ctx.match.endpoint.operation in OPEN_ENDED_OPS)
+        ):
+            # Without its own output cap a request's worst case is unknown (reasoning models write far more than
+            # any default): a per-request limit cannot be promised for it.
+            raise self._cap_refusal(capped[0], None)
         # A call with no model to price (a batch creation, an unmetered route) reserves nothing: it is only refused
         # once the budget is spent.
         estimate = self.worst_case_pusd(ctx) if ctx.route is not None and ctx.facts is not None else 0
@@ -634,24 +731,32 @@ class BudgetGuard:
         # The periods of the request's own start time, which its ledger record will carry too.
         windows = self.tracker.current(ctx.started_at)
         reservation = Reservation()
-        for budget, counter in blocking:
-            assert budget.period is not None
-            w = windows[budget.period]
-            limit = self._thresholds[id(budget)][1]
-            # No hold needs to exceed the limit: one that large already refuses everything after it. This also
-            # bounds every number the shared counters add up, whatever the client asked for.
-            hold = Hold(budget, w, min(estimate, limit), counter)
-            try:
-                ok, spent, reserved = await self.reservations.reserve(hold, limit)
-            except LedgerError as exc:
-                # The shared counters are unreachable: keep traffic flowing rather than fail every request.
-                log.warning("budget %s not enforced for this request: %s", counter, exc)
-                continue
-            if not ok:
-                for held in reservation.holds:
-                    self._release(held, 0)
-                raise self._refusal(budget, counter, w, spent, reserved, subject.user)
-            reservation.holds.append(hold)
+        try:
+            for budget, counter in blocking.values():
+                assert budget.period is not None
+                w = windows[budget.period]
+                limit = self.limits(budget, counter)[1]
+                offset = self.offset(counter, w)
+                # No hold needs to exceed the limit: one that large already refuses everything after it. This also
+                # bounds every number the shared counters add up, whatever the client asked for.
+                hold = Hold(budget, w, min(estimate, limit), counter)
+                try:
+                    # The counters hold the period's whole spend; a reset sets `offset` of it aside.
+                    standing = await self.reservations.reserve(hold, limit + offset)
+                except LedgerError as exc:
+                    # The shared counters are unreachable: keep traffic flowing rather than fail every request.
+                    log.warning("budget %s not enforced for this request: %s", counter, exc)
+                    continue
+                if not standing.admitted:
+                    raise self._refusal(
+                        budget, counter, w, standing.spent - offset, standing.reserved, subject.user, standing.kept
+                    )
+                reservation.holds.append(hold)
+        except BaseException:
+            # Refused, or the counters refused an update: what this request holds already is released.
+            for held in reservation.holds:
+                self._release(held, 0)
+            raise
         return reservation
 
     def refusal(self, ctx: RequestContext) -> GatewayError | None:
@@ -665,11 +770,155 @@ class BudgetGuard:
             if budget.action != "block" or budget.period is None:
                 continue
             w = windows[budget.period]
-            spent = self.tracker.spent(self._spend_key(budget, counter), budget.period, w)
+            spent = self.spent(budget, counter, w)
             reserved = self.reservations.reserved_pusd(counter, w.start_ts)
-            if spent + reserved >= self._thresholds[id(budget)][1]:
-                return self._refusal(budget, counter, w, spent, reserved, subject.user)
+            if spent + reserved >= self.limits(budget, counter)[1]:
+                kept = self.reservations.kept_pusd(counter, w.start_ts)
+                return self._refusal(budget, counter, w, spent, reserved, subject.user, kept)
         return None
+
+    def spent(self, budget: BudgetConfig, counter: str, w: Window) -> int:
+        """What counts against a budget counter in the window: its spend, less what a reset set aside."""
+        assert budget.period is not None
+        return self.tracker.spent(self._spend_key(budget, counter), budget.period, w) - self.offset(counter, w)
+
+    # --- overrides and resets --------------------------------------------------------------------------------
+
+    def limits(self, budget: BudgetConfig, counter: str) -> tuple[int, int]:
+        """(warn, limit) in pico-dollars: the configured ones, or an override's while it lasts (one on a per-user
+        counter wins over one on its whole budget)."""
+        if self._overrides:
+            bid = self.index.id_of(budget)
+            now = self.clock.time()
+            for key in (counter, bid) if counter != bid else (bid,):
+                o = self._overrides.get(key)
+                if o is not None and o.ended_at is None and o.until is not None and o.until > now:
+                    assert o.limit_usd is not None
+                    return to_pusd(o.limit_usd * Decimal(str(budget.warn_at))), to_pusd(o.limit_usd)
+        return self._thresholds[id(budget)]
+
+    def offset(self, counter: str, w: Window) -> int:
+        return self._resets.get((counter, w.start_ts), 0) if self._resets else 0
+
+    def override_of(self, budget: BudgetConfig, counter: str) -> Adjustment | None:
+        bid = self.index.id_of(budget)
+        now = self.clock.time()
+        for key in (counter, bid):
+            o = self._overrides.get(key)
+            if o is not None and o.ended_at is None and o.until is not None and o.until > now:
+                return o
+        return None
+
+    def apply_adjustments(self, adjustments: list[Adjustment]) -> None:
+        """The ledger's overrides and resets, oldest first: a later one on a counter replaces an earlier one."""
+        overrides: dict[str, Adjustment] = {}
+        resets: dict[tuple[str, float], int] = {}
+        for a in adjustments:
+            if a.kind == "override":
+                overrides[a.counter] = a
+            elif a.kind == "reset" and a.offset_pusd is not None:
+                resets[(a.counter, a.period_start)] = a.offset_pusd
+        self._adjustments = list(adjustments)
+        self._overrides, self._resets = overrides, resets
+
+    def resolve(self, counter: str) -> tuple[BudgetConfig, str]:
+        """The budget a counter id names: a budget's id (as /admin/budgets lists it), or `<id>|<user>` for one
+        user of a per-user budget."""
+        for b in self.budgets:
+            if b.period is None:
+                continue
+            bid = self.index.id_of(b)
+            if counter == bid or (b.per_user and counter.startswith(bid + "|") and len(counter) > len(bid) + 1):
+                return b, counter
+        known = ", ".join(self.index.id_of(b) for b in self.budgets if b.period is not None) or "none"
+        raise ValueError(f"no budget {counter!r}; budgets with a limit: {known}")
+
+    def find(
+        self,
+        period: str,
+        *,
+        team: str | None = None,
+        app: str | None = None,
+        key: str | None = None,
+        user: str | None = None,
+        tags: dict[str, str] | None = None,
+        model: str | None = None,
+        provider: str | None = None,
+    ) -> str:
+        """The counter id of the budget with exactly this scope and period (`user` also names one user of a
+        per-user budget of that scope)."""
+        fields = (team, app, key, tuple(sorted((tags or {}).items())), model, provider, period)
+        for b in self.budgets:
+            mine = (b.team, b.app, b.key, tuple(sorted(b.tags.items())), b.model, b.provider, b.period)
+            if mine == fields and b.user == user:
+                return self.index.id_of(b)
+        for b in self.budgets:
+            mine = (b.team, b.app, b.key, tuple(sorted(b.tags.items())), b.model, b.provider, b.period)
+            if mine == fields and b.per_user and user is not None:
+                return f"{self.index.id_of(b)}|{user}"
+        known = ", ".join(self.index.id_of(b) for b in self.budgets if b.period is not None) or "none"
+        raise ValueError(f"no {period} budget with that scope; budgets with a limit: {known}")
+
+    async def adjust(
+        self,
+        kind: str,
+        counter: str,
+        by: str,
+        reason: str = "",
+        limit_usd: Decimal | None = None,
+        until: float | None = None,
+    ) -> Adjustment:
+        """Record an override or a reset in the ledger, and apply it here at once (other replicas within 15 s)."""
+        if self.ledger is None:
+            raise ValueError("budget overrides and resets are kept in the ledger: configure ledger:")
+        budget, counter = self.resolve(counter)
+        assert budget.period is not None
+        w = self.tracker.window(budget.period)
+        now = self.clock.time()
+        offset = None
+        if kind == "override":
+            if limit_usd is None or not (0 < limit_usd <= Decimal("1e12")):
+                raise ValueError("limit_usd must be above 0 and at most 1e12")
+            if until is None or until <= now:
+                raise ValueError("until must be in the future")
+        elif kind == "reset":
+            if budget.per_user and counter == self.index.id_of(budget):
+                raise ValueError(f"a per-user budget is reset one user at a time: {counter}|<user>")
+            # What the counter holds now is set aside: every replica's records as the ledger has them this moment,
+            # or the shared counter's figure if it is ahead (settled requests whose records are still in flight).
+            await self._sync(forecasts=False)
+            offset = self.tracker.spent(self._spend_key(budget, counter), budget.period, w)
+            if isinstance(self.reservations, SharedReservations):
+                offset = max(offset, await self.reservations.spent_now(counter, w.start_ts))
+        else:
+            raise ValueError(f"unknown adjustment {kind!r}")
+        a = Adjustment(
+            id="adj_" + uuid.uuid4().hex[:12],
+            kind=kind,
+            counter=counter,
+            period_start=w.start_ts,
+            created_at=now,
+            created_by=by[:200] or "unknown",
+            reason=reason[:500],
+            limit_usd=limit_usd,
+            until=until,
+            offset_pusd=offset,
+        )
+        store = await self.ledger.store()
+        await self.ledger.call(store.add_adjustment, a)
+        self.apply_adjustments([*self._adjustments, a])
+        return a
+
+    async def end_override(self, adjustment_id: str) -> bool:
+        if self.ledger is None:
+            return False
+        store = await self.ledger.store()
+        if not await self.ledger.call(store.end_adjustment, adjustment_id, self.clock.time()):
+            return False
+        self.apply_adjustments(
+            [replace(a, ended_at=self.clock.time()) if a.id == adjustment_id else a for a in self._adjustments]
+        )
+        return True
 
     @staticmethod
     def _spend_key(budget: BudgetConfig, counter: str) -> ScopeKey:
@@ -701,39 +950,64 @@ class BudgetGuard:
         return estimate
 
     def _refusal(
-        self, budget: BudgetConfig, counter: str, w: Window, spent: int, reserved: int, user: str | None
+        self,
+        budget: BudgetConfig,
+        counter: str,
+        w: Window,
+        spent: int,
+        reserved: int,
+        user: str | None,
+        kept: int = 0,
     ) -> GatewayError:
-        """Exhausted (spent reached the limit: nothing clears before the reset) or held (what is left is reserved
-        by requests in flight: it clears when they settle, so a retry in a moment may pass)."""
-        limit = self._thresholds[id(budget)][1]
-        assert budget.limit_usd is not None
+        """Exhausted (spent, with what is kept for unknown bills, reached the limit: nothing clears before the
+        reset) or held (what is left is reserved by requests in flight: it clears when they settle, so a retry in a
+        moment may pass)."""
+        limit = self.limits(budget, counter)[1]
+        override = self.override_of(budget, counter)
         scope = budget.scope + (f" (user {user})" if budget.per_user and user is not None else "")
+        shown = f"${from_pusd(limit):,.2f}" + (
+            f" (overridden until {datetime.fromtimestamp(override.until or 0, self.tz).isoformat()})"
+            if override
+            else ""
+        )
         headers = {"x-metergate-budget": counter[:256]}
         resets = w.end.isoformat()
-        if spent >= limit:
+        if spent + kept >= limit:
             wait = max(1, math.ceil(w.end_ts - self.clock.time()))
+            unknown = (
+                f" and ${from_pusd(kept):,.4f} is held for requests whose bill is unknown (their clients left)"
+                if kept
+                else ""
+            )
             message = (
-                f"Budget exceeded: the {budget.period} budget of {scope} is ${budget.limit_usd:,.2f}; "
-                f"${from_pusd(spent):,.4f} is spent. It resets at {resets}."
+                f"Budget exceeded: the {budget.period} budget of {scope} is {shown}; "
+                f"${from_pusd(spent):,.4f} is spent{unknown}. It resets at {resets}."
             )
             # The SDKs would otherwise retry a 429; this one will not clear before the reset.
             headers |= {"retry-after": str(wait), "x-should-retry": "false"}
             return GatewayError(429, "budget_exceeded", message, code="budget_exceeded", headers=headers)
         message = (
-            f"Budget busy: the {budget.period} budget of {scope} is ${budget.limit_usd:,.2f}; "
+            f"Budget busy: the {budget.period} budget of {scope} is {shown}; "
             f"${from_pusd(spent):,.4f} is spent and the remaining ${from_pusd(limit - spent):,.4f} is reserved by "
             f"requests in flight (${from_pusd(reserved):,.4f} in all). Retry when they finish."
         )
         headers |= {"retry-after": str(self.HELD_RETRY_S), "x-should-retry": "true"}
         return GatewayError(429, "budget_exceeded", message, code="budget_held", headers=headers)
 
-    def _cap_refusal(self, budget: BudgetConfig, estimate: int) -> GatewayError:
+    def _cap_refusal(self, budget: BudgetConfig, estimate: int | None) -> GatewayError:
         assert budget.max_request_usd is not None
-        message = (
-            f"Request too expensive: at worst it could cost ${from_pusd(estimate):,.4f} (its input and its output "
-            f"cap at the model's prices), over the ${budget.max_request_usd:,.4f} per-request limit of "
-            f"{budget.scope}. Lower max_tokens (or its equivalent) or shorten the input."
-        )
+        if estimate is None:
+            message = (
+                f"A ${budget.max_request_usd:,.4f} per-request limit applies to {budget.scope}: set an output cap "
+                "(max_tokens, max_completion_tokens, max_output_tokens or generationConfig.maxOutputTokens) so "
+                "that the request's worst case is known."
+            )
+        else:
+            message = (
+                f"Request too expensive: at worst it could cost ${from_pusd(estimate):,.4f} (its input and its output "
+                f"cap at the model's prices), over the ${budget.max_request_usd:,.4f} per-request limit of "
+                f"{budget.scope}. Lower max_tokens (or its equivalent) or shorten the input."
+            )
         return GatewayError(
             400,
             "request_cost_limit",
@@ -744,7 +1018,8 @@ class BudgetGuard:
 
     def settle(self, reservation: object | None, record: UsageRecord) -> None:
         applicable = self.index.matching(Subject.of_record(record)) if record.cost_pusd and self.budgets else []
-        self.tracker.observe(record, [(b.period, c) for b, c in applicable if b.period is not None and not b.simple])
+        # A set: two budgets of one scope and period share a counter, which counts the record once.
+        self.tracker.observe(record, list({(b.period, c) for b, c in applicable if b.period and not b.simple}))
         if applicable:
             self._check_thresholds(record, applicable)
         if not isinstance(reservation, Reservation):
@@ -790,12 +1065,12 @@ class BudgetGuard:
             if budget.period is None or budget.limit_usd is None:
                 continue
             w = windows[budget.period]
-            spent = self.tracker.spent(self._spend_key(budget, counter), budget.period, w)
-            warn_at, limit = self._thresholds[id(budget)]
-            if spent < warn_at or (counter, w.start_ts, "limit") in self._warned:
+            spent = self.spent(budget, counter, w)
+            warn_at, limit = self.limits(budget, counter)
+            if spent < warn_at or (counter, w.start_ts, f"limit{id(budget)}") in self._warned:
                 continue
             for level, threshold in (("warn", warn_at), ("limit", limit)):
-                key = (counter, w.start_ts, level)
+                key = (counter, w.start_ts, f"{level}{id(budget)}")
                 if spent >= threshold and key not in self._warned:
                     if len(self._warned) > 100_000:
                         self._warned.clear()  # per-user budgets: bounded, at worst a warning is logged again
@@ -850,7 +1125,7 @@ class BudgetGuard:
         for b in self.budgets:
             if b.simple and b.period is not None and b.limit_usd is not None:
                 team, app = scope_of(b)
-                budget.add_metric([team, app, b.period], b.limit_usd)
+                budget.add_metric([team, app, b.period], float(from_pusd(self.limits(b, self.index.id_of(b))[1])))
                 ratio.add_metric([team, app, b.period], b.warn_at)
         yield budget
         yield ratio
@@ -883,10 +1158,13 @@ class BudgetGuard:
             bid = self.index.id_of(b)
             w = windows[b.period]
             if b.per_user:
-                spent_pusd = max(self.tracker.counters(b.period, w, bid + "|").values(), default=0)
+                spent_pusd = max(
+                    (pusd - self.offset(c, w) for c, pusd in self.tracker.counters(b.period, w, bid + "|").items()),
+                    default=0,
+                )
             else:
-                spent_pusd = self.tracker.spent((SCOPED, bid), b.period, w)
-            scoped_limit.add_metric([bid, b.period], b.limit_usd)
+                spent_pusd = self.spent(b, bid, w)
+            scoped_limit.add_metric([bid, b.period], float(from_pusd(self.limits(b, bid)[1])))
             scoped_spend.add_metric([bid, b.period], float(from_pusd(spent_pusd)))
         yield scoped_limit
         yield scoped_spend
@@ -919,15 +1197,34 @@ class BudgetGuard:
             bid = self.index.id_of(b)
             w = self.tracker.window(b.period, now)
             if b.per_user:
-                counters = self.tracker.counters(b.period, w, bid + "|")
+                counters = {
+                    c: pusd - self.offset(c, w) for c, pusd in self.tracker.counters(b.period, w, bid + "|").items()
+                }
+                # Users with an override or a reset show even before they spend.
+                counters.update(
+                    {
+                        c: self.spent(b, c, w)
+                        for c in (*self._overrides, *(k for k, _ in self._resets))
+                        if c.startswith(bid + "|")
+                    }
+                )
                 top = sorted(counters.items(), key=lambda kv: -kv[1])[: self.MAX_STATUS_USERS]
                 instances: list[tuple[str, str | None, int]] = [(c, c.split("|", 1)[1], pusd) for c, pusd in top]
             else:
-                instances = [(bid, b.user, self.tracker.spent(self._spend_key(b, bid), b.period, w))]
+                instances = [(bid, b.user, self.spent(b, bid, w))]
             for counter, user, spent_pusd in instances:
                 spent = from_pusd(spent_pusd)
                 team, app = scope_of(b)
                 forecast_usd = self._forecasts.get((team, app, b.period), 0.0) if b.simple else 0.0
+                override = self.override_of(b, counter)
+                reset = next(
+                    (
+                        a
+                        for a in reversed(self._adjustments)
+                        if a.kind == "reset" and a.counter == counter and a.period_start == w.start_ts
+                    ),
+                    None,
+                )
                 out.append(
                     {
                         "id": counter,
@@ -940,7 +1237,10 @@ class BudgetGuard:
                         "model": b.model,
                         "provider": b.provider,
                         "period": b.period,
-                        "limit_usd": b.limit_usd,
+                        "limit_usd": float(from_pusd(self.limits(b, counter)[1])),
+                        "configured_limit_usd": b.limit_usd,
+                        "override": _adjustment_info(override),
+                        "reset": _adjustment_info(reset),
                         "max_request_usd": b.max_request_usd,
                         "action": b.action,
                         "warn_at": b.warn_at,
@@ -952,6 +1252,17 @@ class BudgetGuard:
                     }
                 )
         return out
+
+
+def _adjustment_info(a: Adjustment | None) -> dict[str, Any] | None:
+    if a is None:
+        return None
+    info: dict[str, Any] = {"id": a.id, "at": a.created_at, "by": a.created_by, "reason": a.reason}
+    if a.kind == "override":
+        info |= {"limit_usd": float(a.limit_usd or 0), "until": a.until}
+    else:
+        info["set_aside_usd"] = float(from_pusd(a.offset_pusd or 0))
+    return info
 
 
 def _team_days(history: dict[ScopeKey, dict[Any, float]], team: str) -> dict[Any, float]:

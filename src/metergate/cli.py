@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import datetime
@@ -18,6 +19,7 @@ from rich.text import Text
 from metergate.config import Config, ConfigError, load_config
 from metergate.ledger import ApiKey, Ledger, LedgerError, sqlite_path
 from metergate.periods import PERIODS, parse_day
+from metergate.usage import from_pusd
 
 T = TypeVar("T")
 
@@ -260,6 +262,9 @@ def keys_create(
         list[str] | None,
         typer.Option(help="A tag every request of the key carries, KEY=VALUE (repeat for more); see attribution.tags."),
     ] = None,
+    include_cost: Annotated[
+        bool, typer.Option("--include-cost", help="Every response to the key carries its cost in its usage.")
+    ] = False,
 ) -> None:
     """Create a key and print it once; only its hash is stored. Running gateways pick it up within seconds."""
     from pydantic import ValidationError
@@ -275,13 +280,13 @@ def keys_create(
             raise _fail("invalid key", f"--tag {item!r}: expected KEY=VALUE")
         tags[key_name.strip()] = value.strip()
     try:
-        request = KeyCreate(team=team, app=app_name, name=name, tags=tags)
+        request = KeyCreate(team=team, app=app_name, name=name, tags=tags, include_cost=include_cost)
     except ValidationError as exc:
         raise _fail("invalid key", explain_invalid(exc)) from None
     problem = unlisted_tag(request.tags, cfg.attribution.tags)
     if problem:
         raise _fail("invalid key", problem)
-    key, record = new_key(team, app_name, name, request.tags)
+    key, record = new_key(team, app_name, name, request.tags, include_cost)
 
     async def work(ledger: Ledger) -> None:
         store = await ledger.store()
@@ -324,6 +329,160 @@ def keys_revoke(config: ConfigPath, key_id: Annotated[str, typer.Argument(help="
     if not _run(_with_ledger(cfg, work)):
         raise _fail("not revoked", f"no active key {key_id} in the ledger (config keys are removed from the config)")
     console.print(Text(f"revoked {key_id}"))
+
+
+budgets_app = typer.Typer(
+    help="Override a budget's limit until a time, or reset its spend for the rest of the period (kept in the "
+    "ledger with who and when; running gateways apply them within 15 s).",
+    no_args_is_help=True,
+)
+app.add_typer(budgets_app, name="budgets")
+
+BudgetOpt = Annotated[str | None, typer.Option("--budget", help="The budget's id, as `budgets list` shows it.")]
+TeamOpt = Annotated[str | None, typer.Option(help="Scope: the budget's team.")]
+AppOpt = Annotated[str | None, typer.Option("--app", help="Scope: the budget's app.")]
+KeyOpt = Annotated[str | None, typer.Option("--key", help="Scope: the budget's key id.")]
+UserOpt = Annotated[str | None, typer.Option(help="Scope: the budget's user (one user of a per-user budget).")]
+TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="Scope: a tag of the budget, KEY=VALUE.")]
+ModelOpt = Annotated[str | None, typer.Option(help="Scope: the budget's model (as in the config).")]
+ProviderOpt = Annotated[str | None, typer.Option(help="Scope: the budget's provider.")]
+PeriodOpt = Annotated[str | None, typer.Option(help="The budget's period: day, week, month, quarter, year.")]
+ByOpt = Annotated[str | None, typer.Option("--by", help="Who asks, for the record (default: $USER).")]
+ReasonOpt = Annotated[str, typer.Option(help="Why, for the record.")]
+
+
+def _budget_counter(guard: Any, budget: str | None, scope: dict[str, Any]) -> str:
+    if budget:
+        return str(guard.resolve(budget)[1])
+    period = scope.pop("period")
+    if not period:
+        raise ValueError("give --budget ID, or the budget's scope (--team, --user, --tag...) and --period")
+    tags: dict[str, str] = {}
+    for item in scope.pop("tag") or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--tag {item!r}: expected KEY=VALUE")
+        tags[key.strip()] = value.strip()
+    return str(guard.find(period, tags=tags, **scope))
+
+
+def _adjust_budget(config: Path, budget: str | None, scope: dict[str, Any], **adjustment: Any) -> Any:
+    import getpass
+
+    from metergate.budgets import BudgetGuard
+    from metergate.pricing import PriceBook
+
+    cfg = _load(config)
+    if cfg.ledger is None:
+        raise _fail("no ledger", "budget overrides and resets are kept in the ledger: configure ledger:")
+    by = adjustment.pop("by") or os.environ.get("USER") or getpass.getuser() or "cli"
+
+    async def work(ledger: Ledger) -> Any:
+        guard = BudgetGuard(cfg, PriceBook(cfg.prices), ledger)
+        await guard.sync()
+        counter = _budget_counter(guard, budget, scope)
+        return await guard.adjust(counter=counter, by=by, **adjustment)
+
+    try:
+        return _run(_with_ledger(cfg, work))
+    except ValueError as exc:
+        raise _fail("not done", exc) from None
+
+
+@budgets_app.command("override")
+def budgets_override(
+    config: ConfigPath,
+    limit_usd: Annotated[float, typer.Option("--limit-usd", help="The limit while the override lasts.")],
+    until: Annotated[str, typer.Option(help="When it ends: 2026-11-30T18:00 (server.timezone) or with an offset.")],
+    budget: BudgetOpt = None,
+    team: TeamOpt = None,
+    app_name: AppOpt = None,
+    key: KeyOpt = None,
+    user: UserOpt = None,
+    tag: TagOpt = None,
+    model: ModelOpt = None,
+    provider: ProviderOpt = None,
+    period: PeriodOpt = None,
+    reason: ReasonOpt = "",
+    by: ByOpt = None,
+) -> None:
+    """Give a budget another limit until a time; the configured one comes back after it."""
+    cfg = _load(config)
+    try:
+        ends = datetime.fromisoformat(until)
+    except ValueError:
+        raise _fail("invalid --until", f"expected a date and time like 2026-11-30T18:00, got {until!r}") from None
+    if ends.tzinfo is None:
+        ends = ends.replace(tzinfo=cfg.timezone())
+    if not 0 < limit_usd <= 1e12:
+        raise _fail("invalid --limit-usd", "must be above 0 and at most 1e12")
+    scope = {"team": team, "app": app_name, "key": key, "user": user, "tag": tag, "model": model}
+    scope |= {"provider": provider, "period": period}
+    made = _adjust_budget(
+        config,
+        budget,
+        scope,
+        kind="override",
+        limit_usd=Decimal(str(limit_usd)),
+        until=ends.timestamp(),
+        reason=reason,
+        by=by,
+    )
+    console.print(Text(f"override {made.id}: {made.counter} at ${limit_usd:,.2f} until {ends.isoformat()}"))
+
+
+@budgets_app.command("reset")
+def budgets_reset(
+    config: ConfigPath,
+    budget: BudgetOpt = None,
+    team: TeamOpt = None,
+    app_name: AppOpt = None,
+    key: KeyOpt = None,
+    user: UserOpt = None,
+    tag: TagOpt = None,
+    model: ModelOpt = None,
+    provider: ProviderOpt = None,
+    period: PeriodOpt = None,
+    reason: ReasonOpt = "",
+    by: ByOpt = None,
+) -> None:
+    """Set aside what a budget has spent so far in its current period: it counts from zero until the period ends."""
+    scope = {"team": team, "app": app_name, "key": key, "user": user, "tag": tag, "model": model}
+    scope |= {"provider": provider, "period": period}
+    made = _adjust_budget(config, budget, scope, kind="reset", reason=reason, by=by)
+    console.print(Text(f"reset {made.id}: {made.counter}, ${from_pusd(made.offset_pusd or 0):,.4f} set aside"))
+
+
+@budgets_app.command("list")
+def budgets_list(config: ConfigPath) -> None:
+    """Every budget with its limit in force, spend and reset time, then the overrides and resets."""
+    from metergate.budgets import BudgetGuard
+    from metergate.pricing import PriceBook
+
+    cfg = _load(config)
+
+    async def work(ledger: Ledger) -> list[dict[str, Any]]:
+        guard = BudgetGuard(cfg, PriceBook(cfg.prices), ledger)
+        await guard.sync()
+        return guard.status()
+
+    rows = _run(_with_ledger(cfg, work)) if cfg.ledger is not None else []
+    table = _table("Budgets", "id", "period", "limit (USD)", "spent (USD)", "override", "reset", "resets at")
+    for r in rows:
+        override = r["override"]
+        _row(
+            table,
+            r["id"],
+            r["period"],
+            f"{r['limit_usd']:,.2f}",
+            f"{r['spent_usd']:,.4f}",
+            f"{override['id']} until {datetime.fromtimestamp(override['until'], cfg.timezone()):%Y-%m-%d %H:%M}"
+            if override
+            else "",
+            f"{r['reset']['id']} by {r['reset']['by']}" if r["reset"] else "",
+            r["resets_at"],
+        )
+    console.print(table)
 
 
 Format = Literal["table", "csv", "json"]

@@ -223,6 +223,8 @@ class KeyConfig(_Model):
     id: str | None = None
     # Tags every request of this key carries; a client's x-metergate-tags header cannot change them.
     tags: dict[TagKey, TagValue] = Field(default_factory=dict)
+    # Every response carries its cost in its usage (as with the x-metergate-include-cost: true header).
+    include_cost: bool = False
 
     @field_validator("sha256")
     @classmethod

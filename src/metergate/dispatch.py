@@ -18,6 +18,7 @@ from typing import Protocol
 
 from metergate.attribution import AttributionPolicy
 from metergate.auth import KeyRing, Principal
+from metergate.costfield import COST_HEADER_OPT_IN, wants_cost
 from metergate.endpoints import Handling, match_endpoint
 from metergate.errors import GatewayError
 from metergate.exchange import InboundRequest, Recorder, RequestContext, Responder, send_error
@@ -82,6 +83,7 @@ class Dispatcher:
                 await self.recorder.fail(out, ctx, refusal)
                 return
             ctx.attribution = self.attribution.attribute(ctx.principal, req.headers)
+            ctx.include_cost = ctx.principal.include_cost or wants_cost(req.headers.get(COST_HEADER_OPT_IN))
             await self.handlers[ctx.match.endpoint.handling].handle(req, out, ctx)
         except asyncio.CancelledError:
             # Shutdown gave up waiting for this request: record what is known before the task ends.

@@ -159,6 +159,7 @@ class RequestContext:
     ttft: float | None = None
     reservation: object | None = None
     attribution: Attribution = NO_ATTRIBUTION
+    include_cost: bool = False  # the caller opted in to the cost in the response (costfield.py)
     sent_upstream: bool = False  # the provider may have billed something from here on
     stream_meter: StreamMeter | None = None
     emitted: bool = False

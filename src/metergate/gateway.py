@@ -19,6 +19,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -27,6 +28,7 @@ import orjson
 from metergate.attribution import AttributionPolicy
 from metergate.auth import query_without_key
 from metergate.config import Config
+from metergate.costfield import BODY_USAGE_PATH, body_with_cost
 from metergate.errors import GatewayError, bounded, stream_error_event
 from metergate.exchange import (
     COST_HEADER,
@@ -45,7 +47,7 @@ from metergate.forms import is_multipart, read_form, replace_field
 from metergate.labels import LabelPolicy
 from metergate.pricing import PriceBook
 from metergate.providers import API_ADAPTERS, RequestFacts, StreamMeter, Upstream
-from metergate.providers.base import MalformedResponse
+from metergate.providers.base import MalformedResponse, SSEStreamMeter
 from metergate.providers.gemini import GeminiApi, GeminiUpstream
 from metergate.routing import Route, Router
 from metergate.usage import INCOMPLETE, Usage, UsageError, UsageMissing, UsageNotReported, UsageRecord
@@ -195,6 +197,8 @@ class Gateway:
             if response.status < 400 and adapter.streams(endpoint, content_type):
                 sse = "text/event-stream" in content_type
                 meter = ctx.stream_meter = adapter.stream_meter(endpoint, facts, sse)
+                if ctx.include_cost and isinstance(meter, SSEStreamMeter):
+                    meter.cost_of = lambda usage: self._cost_for(ctx, usage)
                 return await self._relay_stream(out, ctx, response, meter)
             return await self._relay_body(out, ctx, response)
 
@@ -248,6 +252,9 @@ class Gateway:
         headers.append((REQUEST_ID_HEADER, ctx.request_id.encode()))
         if not count_later:
             headers.append((COST_HEADER, format(record.cost_usd, "f").encode()))
+            if ctx.include_cost and status < 400 and record.priced:
+                path = BODY_USAGE_PATH.get(ctx.family)
+                data = (body_with_cost(data, path, float(record.cost_usd)) if path else None) or data
         await out.start(status, headers)
         await out.send(data)
         if out.disconnected:
@@ -259,6 +266,11 @@ class Gateway:
         record.latency_s = time.perf_counter() - ctx.started
         self.recorder.emit(record, ctx)
         return record
+
+    def _cost_for(self, ctx: RequestContext, usage: Usage) -> float | None:
+        """What the usage known so far costs, priced exactly as the request's record will be."""
+        record = self.recorder.record(ctx, 200, replace(usage), None, stream=True)
+        return float(record.cost_usd) if record.priced else None
 
     async def _relay_stream(
         self, out: Responder, ctx: RequestContext, response: aiohttp.ClientResponse, meter: StreamMeter

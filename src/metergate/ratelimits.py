@@ -148,6 +148,8 @@ class SharedWindows:
     def adjust(self, key: str, minute: int, delta: int) -> None:
         """Settlements wait for the next admission's round trip, or SETTLE_DELAY_S: sent on their own right away,
         they would hold up the next admission behind them."""
+        if minute < time.time() // 60 - 1:
+            return  # that window is over (a long request): nothing left to correct
         name = f"{key}:{minute}:t"
         self._deltas[name] = self._deltas.get(name, 0) + delta
         self._schedule_settlements()
@@ -219,6 +221,7 @@ class SharedWindows:
             for name, delta in deltas.items():
                 if delta:
                     pipe.incrby(name, delta)
+                    pipe.expire(name, 180)  # a settlement never leaves a key without its expiry
             async with asyncio.timeout(max(self.timeout_s * 4, 1.0)):
                 results: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results[: len(waiting)]):
@@ -238,8 +241,11 @@ class RateLimiter:
 
     def __init__(self, config: Config) -> None:
         self.limits = list(config.rate_limits)
+        # A limit naming a user replaces the `*` limit of its scope that limits the same things.
         self.index: ScopeIndex[RateLimitConfig] = ScopeIndex(
-            self.limits, lambda rl: scope_id(rl, "minute"), lambda rl: "minute"
+            self.limits,
+            lambda rl: scope_id(rl, "minute"),
+            lambda rl: (rl.requests_per_minute is not None, rl.tokens_per_minute is not None),
         )
         self.default_max_output = config.budget_defaults.default_max_output_tokens
         self.shared: SharedStateConfig | None = config.shared_state
@@ -299,15 +305,20 @@ class RateLimiter:
             return None
         tokens_in, tokens_out = worst_case_tokens(ctx, self.default_max_output)
         worst = tokens_in + tokens_out
-        keys = [self.prefix + counter for _, counter in applicable]
+        # Entries of one scope share a counter (a requests limit and a tokens limit given apart): counted once,
+        # against the strictest of each.
+        merged: dict[str, tuple[int, int, RateLimitConfig]] = {}
+        for rl, counter in applicable:
+            rpm, tpm, first = merged.get(counter, (0, 0, rl))
+            merged[counter] = (_strictest(rpm, rl.requests_per_minute), _strictest(tpm, rl.tokens_per_minute), first)
+        keys = [self.prefix + counter for counter in merged]
         # No reservation needs to exceed the limit itself: it bounds every number the counters add.
-        limits = [
-            (rl.requests_per_minute or 0, rl.tokens_per_minute or 0, min(worst, rl.tokens_per_minute or worst))
-            for rl, _ in applicable
-        ]
+        limits = [(rpm, tpm, min(worst, tpm or worst)) for rpm, tpm, _ in merged.values()]
         verdict, shared = await self._admit(keys, limits)
         if not verdict.admitted:
-            rl, counter = applicable[verdict.limit]
+            counter = list(merged)[verdict.limit]
+            rpm, tpm, rl = merged[counter]
+            rl = rl.model_copy(update={"requests_per_minute": rpm or None, "tokens_per_minute": tpm or None})
             self.refused[verdict.kind] += 1
             raise self._refusal(ctx, rl, counter, verdict, subject.user)
         return Ticket(verdict.minute, [(k, lim[2]) for k, lim in zip(keys, limits, strict=True)], shared)
@@ -395,6 +406,13 @@ class RateLimiter:
         for kind, n in self.refused.items():
             refused.add_metric([kind], n)
         yield refused
+
+
+def _strictest(current: int, limit: int | None) -> int:
+    """The smaller of two limits, where 0 means none."""
+    if not limit:
+        return current
+    return min(current, limit) if current else limit
 
 
 def _limit_headers(family: str, rl: RateLimitConfig, v: Verdict) -> dict[str, str]:

@@ -14,6 +14,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from metergate.config import ScopeConfig
+from metergate.labels import OTHER
 
 if TYPE_CHECKING:
     from metergate.exchange import RequestContext
@@ -32,7 +33,7 @@ class Subject:
     key_id: str
     user: str | None = None
     tags: Tags = ()
-    model: str = ""
+    model: str | None = ""  # None: not known before the response (a batch names its models in its input file)
     provider: str = ""
 
     @classmethod
@@ -45,7 +46,11 @@ class Subject:
         if principal is None:
             return None
         a = ctx.attribution
-        return cls(principal.team, principal.app, principal.key_id, a.user, a.tags, ctx.model_label, ctx.provider_label)
+        # A batch names its models only in its input file: model budgets count its creation, so that a spent model
+        # budget refuses it rather than let it through unseen (its requests are billed to the right model later).
+        unknown = ctx.match.endpoint.handling == "deferred" and ctx.model_label == OTHER
+        model = None if unknown else ctx.model_label
+        return cls(principal.team, principal.app, principal.key_id, a.user, a.tags, model, ctx.provider_label)
 
 
 def scope_id(scope: ScopeConfig, period: str | None) -> str:
@@ -67,7 +72,9 @@ def _without_user(scope: ScopeConfig) -> tuple[object, ...]:
 class ScopeIndex(Generic[S]):
     """The entries (budgets or rate limits) a subject counts against, each with its counter's id."""
 
-    def __init__(self, entries: Sequence[S], id_of: Callable[[S], str], period_of: Callable[[S], object]) -> None:
+    def __init__(self, entries: Sequence[S], id_of: Callable[[S], str], kind_of: Callable[[S], object]) -> None:
+        """`kind_of`: what an entry naming a user must share with a `*` entry to replace it for that user (a budget's
+        period and action, a rate limit's kinds of limit)."""
         self.entries = list(entries)
         self._ids = {id(e): id_of(e) for e in self.entries}
         self._by_team: dict[str | None, list[S]] = {}
@@ -77,9 +84,9 @@ class ScopeIndex(Generic[S]):
         named: dict[tuple[object, ...], set[str]] = {}
         for e in self.entries:
             if e.user is not None and e.user != "*":
-                named.setdefault((*_without_user(e), period_of(e)), set()).add(e.user)
+                named.setdefault((*_without_user(e), kind_of(e)), set()).add(e.user)
         self._overridden = {
-            id(e): frozenset(named.get((*_without_user(e), period_of(e)), ())) for e in self.entries if e.per_user
+            id(e): frozenset(named.get((*_without_user(e), kind_of(e)), ())) for e in self.entries if e.per_user
         }
 
     def id_of(self, entry: S) -> str:
@@ -114,7 +121,7 @@ class ScopeIndex(Generic[S]):
                 return False
         if e.provider is not None and e.provider != subject.provider:
             return False
-        return e.model is None or fnmatchcase(subject.model, e.model)
+        return e.model is None or subject.model is None or fnmatchcase(subject.model, e.model)
 
     def overridden(self, entry: S) -> frozenset[str]:
         return self._overridden.get(id(entry), frozenset())

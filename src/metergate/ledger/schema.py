@@ -157,12 +157,36 @@ MIGRATIONS += (
 MIGRATIONS += (
     Migration(
         5,
-        "attribution: the end user and the tags of each record, a key's tags, a batch creator's attribution",
+        "attribution: the end user and the tags of each record, a key's tags and cost opt-in, a batch creator's "
+        "attribution; budget overrides and resets; reservations kept for unknown bills",
         _both(
             "ALTER TABLE usage_records ADD COLUMN end_user TEXT",
             "ALTER TABLE usage_records ADD COLUMN tags TEXT",
             "ALTER TABLE api_keys ADD COLUMN tags TEXT",
+            "ALTER TABLE api_keys ADD COLUMN include_cost {flag} NOT NULL DEFAULT {false}",
             "ALTER TABLE batches ADD COLUMN attribution TEXT",
+            # Budget overrides (a limit until a time) and resets (the period's spend so far set aside), who/when.
+            # Money as decimal text: a limit can exceed what BIGINT holds in pico-dollars.
+            """CREATE TABLE budget_adjustments (
+                id TEXT PRIMARY KEY,
+                kind TEXT NOT NULL,
+                counter TEXT NOT NULL,
+                period_start {real} NOT NULL,
+                limit_usd TEXT,
+                until {real},
+                offset_pusd TEXT,
+                created_at {real} NOT NULL,
+                created_by TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                ended_at {real}
+            )""",
+            "CREATE INDEX budget_adjustments_time ON budget_adjustments (created_at)",
+            # Reservations kept until their period ends (requests whose bill is unknown): they never clear, so a
+            # refusal they cause says the budget is exhausted, not busy.
+            "ALTER TABLE budget_spend ADD COLUMN kept_pusd {num} NOT NULL DEFAULT 0",
+            **_TYPES,
+            false=("0", "FALSE"),
+            num=("INTEGER", "NUMERIC(40, 0)"),
         ),
     ),
 )

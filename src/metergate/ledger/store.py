@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,28 @@ class ApiKey:
     created_at: float
     revoked_at: float | None
     tags: tuple[tuple[str, str], ...] = ()  # attribution tags every request of the key carries
+    include_cost: bool = False  # every response carries its cost
 
     def principal(self) -> Principal:
-        return Principal(self.team, self.app, self.id, self.tags)
+        return Principal(self.team, self.app, self.id, self.tags, self.include_cost)
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """A budget override (`limit_usd` until `until`) or reset (`offset_pusd` of the period's spend set aside), on
+    one budget counter, with who made it and when."""
+
+    id: str
+    kind: str  # "override" or "reset"
+    counter: str
+    period_start: float
+    created_at: float
+    created_by: str
+    reason: str = ""
+    limit_usd: Decimal | None = None
+    until: float | None = None
+    offset_pusd: int | None = None
+    ended_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,8 +277,8 @@ class Store(ABC):
     def add_key(self, key: ApiKey) -> None:
         p = self._p
         self._execute(
-            f"INSERT INTO api_keys (id, sha256, team, app, name, created_at, revoked_at, tags) "
-            f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, NULL, {p})",
+            f"INSERT INTO api_keys (id, sha256, team, app, name, created_at, revoked_at, tags, include_cost) "
+            f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, NULL, {p}, {p})",
             (
                 key.id,
                 key.sha256,
@@ -267,21 +287,81 @@ class Store(ABC):
                 key.name,
                 key.created_at,
                 tags_json(key.tags),
+                key.include_cost,
             ),
         )
 
     def keys(self, include_revoked: bool = True) -> list[ApiKey]:
         where = "" if include_revoked else " WHERE revoked_at IS NULL"
         rows = self._execute(
-            f"SELECT id, sha256, team, app, name, created_at, revoked_at, tags FROM api_keys{where} ORDER BY created_at"
+            "SELECT id, sha256, team, app, name, created_at, revoked_at, tags, include_cost "
+            f"FROM api_keys{where} ORDER BY created_at"
         )
-        return [ApiKey(row[0], row[1], row[2], row[3], row[4], row[5], row[6], tags=_tags(row[7])) for row in rows]
+        return [
+            ApiKey(*row[:7], tags=_tags(row[7]), include_cost=bool(row[8]))  # type: ignore[misc]
+            for row in rows
+        ]
 
     def revoke_key(self, key_id: str) -> bool:
         p = self._p
         rows = self._execute(
             f"UPDATE api_keys SET revoked_at = {p} WHERE id = {p} AND revoked_at IS NULL RETURNING id",
             (time.time(), key_id),
+        )
+        return bool(rows)
+
+    # --- budget overrides and resets ---------------------------------------------------------------------------
+
+    def add_adjustment(self, a: Adjustment) -> None:
+        p = self._p
+        self._execute(
+            "INSERT INTO budget_adjustments (id, kind, counter, period_start, limit_usd, until, offset_pusd, "
+            f"created_at, created_by, reason, ended_at) VALUES ({', '.join([p] * 10)}, NULL)",
+            (
+                a.id,
+                a.kind,
+                a.counter,
+                a.period_start,
+                None if a.limit_usd is None else str(a.limit_usd),
+                a.until,
+                None if a.offset_pusd is None else str(a.offset_pusd),
+                a.created_at,
+                a.created_by,
+                a.reason,
+            ),
+        )
+
+    def adjustments(self, since: float) -> list[Adjustment]:
+        """Overrides and resets made since `since` (every one a current period can still be affected by)."""
+        p = self._p
+        rows = self._execute(
+            "SELECT id, kind, counter, period_start, limit_usd, until, offset_pusd, created_at, created_by, reason, "
+            f"ended_at FROM budget_adjustments WHERE created_at >= {p} ORDER BY created_at, id",
+            (since,),
+        )
+        return [
+            Adjustment(
+                id=r[0],
+                kind=r[1],
+                counter=r[2],
+                period_start=float(r[3]),
+                limit_usd=None if r[4] is None else Decimal(r[4]),
+                until=None if r[5] is None else float(r[5]),
+                offset_pusd=None if r[6] is None else int(r[6]),
+                created_at=float(r[7]),
+                created_by=r[8],
+                reason=r[9],
+                ended_at=None if r[10] is None else float(r[10]),
+            )
+            for r in rows
+        ]
+
+    def end_adjustment(self, adjustment_id: str, at: float) -> bool:
+        p = self._p
+        rows = self._execute(
+            f"UPDATE budget_adjustments SET ended_at = {p} WHERE id = {p} AND ended_at IS NULL AND kind = 'override' "
+            "RETURNING id",
+            (at, adjustment_id),
         )
         return bool(rows)
 

@@ -135,6 +135,9 @@ def parse_anthropic_usage(usage: Mapping[str, Any]) -> Usage:
 
 
 class MessagesStreamMeter(SSEStreamMeter):
+    usage_marker = b'"message_delta"'
+    usage_path = ("usage",)
+
     def __init__(self) -> None:
         super().__init__()
         self._fields: dict[str, Any] = {}

@@ -11,13 +11,14 @@ two concerns are separate.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from metergate.config import ProviderConfig
+from metergate.costfield import event_with_cost
 from metergate.endpoints import Endpoint, EndpointMatch, Family
 from metergate.errors import GatewayError, bad_request
 from metergate.sse import SSEBuffer, SSEEvent
@@ -83,19 +84,41 @@ class SSEStreamMeter(StreamMeter):
     """A meter for Server-Sent Events streams, one event at a time."""
 
     rewrites = False  # True when `observe` may drop or change events
+    # Events that report the stream's usage, for the cost returned on opt-in (costfield.py): a byte string they
+    # contain, and the path of the usage object in their JSON. Empty: this stream's events never carry it.
+    usage_marker = b""
+    usage_path: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
         self._buffer = SSEBuffer()
+        # Set by the gateway when the caller opted in: prices the usage known so far (None: unpriced).
+        self.cost_of: Callable[[Usage], float | None] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._buffer.feed(chunk)
+        if self.cost_of is not None and self.usage_marker:
+            return b"".join(self._with_cost(event) for event in events)
         if not self.rewrites:
             for event in events:
                 self.observe(event)
             return chunk
         out = [relayed for event in events if (relayed := self.observe(event)) is not None]
         return b"".join(out)
+
+    def _with_cost(self, event: SSEEvent) -> bytes:
+        relayed = self.observe(event)
+        if not self.rewrites:
+            relayed = event.raw
+        if relayed is None or self.usage_marker not in event.data or self.cost_of is None:
+            return relayed or b""
+        try:
+            cost = self.cost_of(self.usage())
+        except UsageError:
+            return relayed
+        if cost is None:
+            return relayed
+        return event_with_cost(event, self.usage_path, cost) or relayed
 
     @abstractmethod
     def observe(self, event: SSEEvent) -> bytes | None:

@@ -153,6 +153,9 @@ class GeminiSSEMeter(SSEStreamMeter):
     latest value (never a sum); a field a later chunk leaves out keeps its last value (Vertex chunks may carry only
     `trafficType`). Grounding queries are collected from every chunk."""
 
+    usage_marker = b"usageMetadata"
+    usage_path = ("usageMetadata",)
+
     def __init__(self, model: str | None = None) -> None:
         super().__init__()
         self._meta: dict[str, Any] = {}

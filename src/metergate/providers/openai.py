@@ -187,6 +187,8 @@ class ChatStreamMeter(SSEStreamMeter):
     """
 
     rewrites = True
+    usage_marker = b'"usage"'
+    usage_path = ("usage",)
 
     def __init__(self, hide_usage: bool) -> None:
         super().__init__()
@@ -245,6 +247,9 @@ class ChatStreamMeter(SSEStreamMeter):
 
 
 class ResponsesStreamMeter(SSEStreamMeter):
+    usage_marker = b'"usage"'
+    usage_path = ("response", "usage")
+
     def __init__(self, image_model: str = DEFAULT_IMAGE_MODEL) -> None:
         super().__init__()
         self._image_model = image_model
