@@ -21,6 +21,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,10 +86,13 @@ def free_port() -> int:
 
 
 def wait_http(url: str, timeout: float = 15.0) -> None:
+    """Until the server answers at all (an HTTP error status counts: it is up)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
             return
         except Exception:
             time.sleep(0.1)
@@ -242,6 +246,7 @@ def main() -> None:
                 nginx_conf.write_text(NGINX.format(dir=workdir, port=nginx_port, sim_port=sim_port))
                 procs.append(subprocess.Popen([nginx, "-c", str(nginx_conf), "-p", str(workdir)]))
             wait_http(f"http://127.0.0.1:{metrics_port}/healthz")
+            wait_http(f"{sim_url}/")  # the simulator too: the first run must not race its start
             direct = f"{sim_url}/v1/chat/completions"
             via = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
             via_nginx = f"http://127.0.0.1:{nginx_port}/v1/chat/completions"

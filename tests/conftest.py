@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -199,6 +200,23 @@ class Metrics:
 # Runs the gateway processes under test from another checkout's `src` (the tests and the simulator stay these):
 # how a new test is shown to fail on the previous release, e.g. METERGATE_TEST_GATEWAY_SRC=/tmp/old/src pytest ...
 GATEWAY_SRC = os.environ.get("METERGATE_TEST_GATEWAY_SRC")
+
+
+def cli(gw: Gateway, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`metergate <args> --config <the gateway's config>`, as an operator runs it beside the gateway."""
+    return subprocess.run(
+        [sys.executable, "-m", "metergate", *args, "--config", str(gw.config_path)],
+        env={**gw.env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def admin(gw: Gateway, method: str, path: str, **kw: Any) -> httpx.Response:
+    """A call to the gateway's admin API with the token its environment sets."""
+    token = gw.env["METERGATE_ADMIN_TOKEN"]
+    return httpx.request(method, f"{gw.url}{path}", headers={"authorization": f"Bearer {token}"}, **kw)
 
 
 def make_gateway(tmp: Path, sim_url: str, env: dict[str, str] | None = None, **sections: str) -> Gateway:

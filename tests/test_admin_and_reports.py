@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import KEYS, Gateway, make_gateway, wait_for
+from tests.conftest import KEYS, Gateway, admin, cli, make_gateway, wait_for
 from tests.pricesheet import cost
 
 TOKEN = "test-admin-token"
@@ -38,20 +38,6 @@ def gw(simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]
     ).start()
     yield gateway
     gateway.stop()
-
-
-def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "metergate", *args, "--config", str(gw.config_path)],
-        env=gw.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def admin(gw: Gateway, method: str, path: str, **kw: object) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"authorization": f"Bearer {TOKEN}"}, **kw)  # type: ignore[arg-type]
 
 
 def works(gw: Gateway, key: str) -> bool:

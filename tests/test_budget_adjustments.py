@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from metergate.simulator import Billed
-from tests.conftest import KEYS, Gateway, make_gateway, wait_for
+from tests.conftest import KEYS, Gateway, admin, cli, make_gateway, wait_for
 from tests.pricesheet import cost
 
 TOKEN = "adjust-admin-token"
@@ -40,20 +37,6 @@ def adjusted_gateway(simulator, tmp_path: Path, ledger: str | None = None) -> Ga
             "budgets:\n" + BUDGETS
         ),
     ).start()
-
-
-def admin(gw: Gateway, method: str, path: str, **kw: object) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"authorization": f"Bearer {TOKEN}"}, **kw)  # type: ignore[arg-type]
-
-
-def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "metergate", *args, "--config", str(gw.config_path)],
-        env={**gw.env, "USER": "dana"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def admitted(gw: Gateway, scope: str = "search/ranker", user: str | None = None) -> bool:
@@ -94,6 +77,7 @@ def test_override_from_the_cli_reaches_the_running_gateway_and_expires(simulator
             until,
             "--reason",
             "launch day",
+            env={"USER": "dana"},
         )
         assert made.returncode == 0, made.stderr
         assert "override adj_" in made.stdout and "search/*/day" in made.stdout

@@ -8,8 +8,6 @@ import csv
 import io
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +26,7 @@ from metergate.config import LedgerConfig
 from metergate.ledger import Ledger
 from metergate.ledger.store import open_store
 from metergate.usage import Usage, UsageRecord, to_pusd
-from tests.conftest import KEYS, Gateway, make_gateway, wait_for
+from tests.conftest import KEYS, Gateway, admin, cli, make_gateway, wait_for
 from tests.pricesheet import cost
 
 TOKEN = "attribution-admin-token"
@@ -69,20 +67,6 @@ def rows_for_users(gw: Gateway, users: list[str], n: int | None = None) -> list[
     found = wait_for(lambda: len(r := ledger_rows(gw, f"end_user IN ({marks})", tuple(users))) >= want and r)
     assert found, f"the ledger did not get {want} rows for {users}"
     return found
-
-
-def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "metergate", *args, "--config", str(gw.config_path)],
-        env=gw.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def admin(gw: Gateway, method: str, path: str, **kw: object) -> httpx.Response:
-    return httpx.request(method, f"{gw.url}{path}", headers={"authorization": f"Bearer {TOKEN}"}, **kw)  # type: ignore[arg-type]
 
 
 def bill_of(simulator, tag: str):  # type: ignore[no-untyped-def]

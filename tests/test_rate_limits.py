@@ -259,3 +259,25 @@ def test_settling_a_window_that_is_over_leaves_no_key_behind() -> None:
         await client.aclose()
 
     asyncio.run(run())
+
+
+def test_check_config_shows_the_limits_without_the_redis_password(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        "providers: {openai: {type: openai, base_url: 'http://x:1'}}\n"
+        "routes: [{model: '*', provider: openai}]\n"
+        "keys: [{sha256: '" + "a" * 64 + "', team: search, app: ranker}]\n"
+        "rate_limits: [{team: search, user: '*', requests_per_minute: 20, tokens_per_minute: 40000}]\n"
+        "shared_state: {redis_url: 'redis://:hunter2@127.0.0.1:6379/0'}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "metergate", "check-config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert (
+        "Rate limits (shared through" in out.stdout and "40,000" in out.stdout and "team search, user *" in out.stdout
+    )
+    assert "hunter2" not in out.stdout

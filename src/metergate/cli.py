@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from metergate.config import Config, ConfigError, load_config
-from metergate.ledger import ApiKey, Ledger, LedgerError, sqlite_path
+from metergate.ledger import ApiKey, Ledger, LedgerError, redact_url, sqlite_path
 from metergate.periods import PERIODS, parse_day
 from metergate.usage import from_pusd
 
@@ -143,6 +143,15 @@ def check_config(path: Annotated[Path, typer.Argument(help="The YAML config file
                 f"{b.max_request_usd:,.4f}" if b.max_request_usd is not None else "",
             )
         console.print(budgets)
+    if cfg.rate_limits:
+        shared = f"shared through {redact_url(cfg.shared_state.redis_url)}" if cfg.shared_state else "per process"
+        limits = _table(f"Rate limits ({shared})", "scope", "requests/min", "tokens/min")
+        for rl in cfg.rate_limits:
+            rpm, tpm = rl.requests_per_minute, rl.tokens_per_minute
+            _row(limits, rl.scope, f"{rpm:,}" if rpm else "", f"{tpm:,}" if tpm else "")
+        console.print(limits)
+    if cfg.attribution.tags:
+        console.print(Text(f"Attribution tags accepted from x-metergate-tags: {', '.join(cfg.attribution.tags)}"))
     _print_pricing(cfg)
     if cfg.prices:
         prices = _table("Price overrides", "model", "provider", "input $/Mtok", "output $/Mtok")
@@ -273,12 +282,10 @@ def keys_create(
     from metergate.attribution import unlisted_tag
 
     cfg = _load(config)
-    tags: dict[str, str] = {}
-    for item in tag or ():
-        key_name, sep, value = item.partition("=")
-        if not sep:
-            raise _fail("invalid key", f"--tag {item!r}: expected KEY=VALUE")
-        tags[key_name.strip()] = value.strip()
+    try:
+        tags = _tags(tag)
+    except ValueError as exc:
+        raise _fail("invalid key", exc) from None
     try:
         request = KeyCreate(team=team, app=app_name, name=name, tags=tags, include_cost=include_cost)
     except ValidationError as exc:
@@ -357,20 +364,32 @@ def _budget_counter(guard: Any, budget: str | None, scope: dict[str, Any]) -> st
     period = scope.pop("period")
     if not period:
         raise ValueError("give --budget ID, or the budget's scope (--team, --user, --tag...) and --period")
+    return str(guard.find(period, tags=_tags(scope.pop("tag")), **scope))
+
+
+def _tags(items: list[str] | None) -> dict[str, str]:
+    """Repeated `--tag KEY=VALUE` options as a mapping."""
     tags: dict[str, str] = {}
-    for item in scope.pop("tag") or ():
+    for item in items or ():
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--tag {item!r}: expected KEY=VALUE")
         tags[key.strip()] = value.strip()
-    return str(guard.find(period, tags=tags, **scope))
+    return tags
+
+
+async def _synced_guard(cfg: Config, ledger: Ledger) -> Any:
+    """Budgets as a running gateway sees them: spend, forecasts, overrides and resets read from the ledger."""
+    from metergate.budgets import BudgetGuard
+    from metergate.pricing import PriceBook
+
+    guard = BudgetGuard(cfg, PriceBook(cfg.prices), ledger)
+    await guard.sync()
+    return guard
 
 
 def _adjust_budget(config: Path, budget: str | None, scope: dict[str, Any], **adjustment: Any) -> Any:
     import getpass
-
-    from metergate.budgets import BudgetGuard
-    from metergate.pricing import PriceBook
 
     cfg = _load(config)
     if cfg.ledger is None:
@@ -378,8 +397,7 @@ def _adjust_budget(config: Path, budget: str | None, scope: dict[str, Any], **ad
     by = adjustment.pop("by") or os.environ.get("USER") or getpass.getuser() or "cli"
 
     async def work(ledger: Ledger) -> Any:
-        guard = BudgetGuard(cfg, PriceBook(cfg.prices), ledger)
-        await guard.sync()
+        guard = await _synced_guard(cfg, ledger)
         counter = _budget_counter(guard, budget, scope)
         return await guard.adjust(counter=counter, by=by, **adjustment)
 
@@ -455,16 +473,11 @@ def budgets_reset(
 
 @budgets_app.command("list")
 def budgets_list(config: ConfigPath) -> None:
-    """Every budget with its limit in force, spend and reset time, then the overrides and resets."""
-    from metergate.budgets import BudgetGuard
-    from metergate.pricing import PriceBook
-
+    """Every budget with its limit in force, spend, override or reset, and reset time."""
     cfg = _load(config)
 
     async def work(ledger: Ledger) -> list[dict[str, Any]]:
-        guard = BudgetGuard(cfg, PriceBook(cfg.prices), ledger)
-        await guard.sync()
-        return guard.status()
+        return list((await _synced_guard(cfg, ledger)).status())
 
     rows = _run(_with_ledger(cfg, work)) if cfg.ledger is not None else []
     table = _table("Budgets", "id", "period", "limit (USD)", "spent (USD)", "override", "reset", "resets at")
@@ -583,15 +596,11 @@ def chargeback(
 
 @app.command("forecast")
 def forecast_cmd(config: ConfigPath) -> None:
-    """Spend so far and projected spend at the end of the day, week and month, per team and budget scope."""
-    from metergate.budgets import BudgetGuard
-    from metergate.pricing import PriceBook
-
+    """Spend so far and projected spend at the end of each period, per team and budget scope."""
     cfg = _load(config)
 
     async def work(ledger: Ledger) -> list[dict[str, Any]]:
-        guard = BudgetGuard(cfg, PriceBook(cfg.prices), ledger)
-        await guard.sync()
+        guard = await _synced_guard(cfg, ledger)
         return [row for period in PERIODS for row in guard.spend_rows(period)]
 
     rows = _run(_with_ledger(cfg, work))
