@@ -132,17 +132,29 @@ def test_reset_and_override_through_the_admin_api_apply_at_once(simulator, tmp_p
         assert made.status_code == 201, made.text
         assert admitted(gw, "ads/bidder", "ann") and admitted(gw, "ads/bidder", "ann")
         assert not admitted(gw, "ads/bidder", "ann") and not admitted(gw, "ads/bidder", "bob")
+        # A second override replaces the first; ending it early brings back the first, still running.
+        later = admin(
+            gw,
+            "POST",
+            "/admin/budgets/overrides",
+            json={"budget": "ads/*/day;user=*|ann", "limit_usd": float(ONE * 9), "until": until},
+        )
+        assert status(gw, "ads/*/day;user=*|ann")["limit_usd"] == pytest.approx(float(ONE * 9))
+        assert admin(gw, "DELETE", f"/admin/budgets/overrides/{later.json()['id']}").status_code == 200
+        assert status(gw, "ads/*/day;user=*|ann")["limit_usd"] == pytest.approx(float(ONE * 3))
         # Ended early: the configured limit is back at once.
         assert admin(gw, "DELETE", f"/admin/budgets/overrides/{made.json()['id']}").status_code == 200
         assert admin(gw, "DELETE", f"/admin/budgets/overrides/{made.json()['id']}").status_code == 404
         listed = admin(gw, "GET", "/admin/budgets/adjustments").json()
-        assert [a["kind"] for a in listed] == ["reset", "override"] and listed[1]["ended_at"] is not None
+        assert [a["kind"] for a in listed] == ["reset", "override", "override"]
+        assert all(a["ended_at"] is not None for a in listed[1:])
         # Clear refusals: no such budget, a whole per-user budget, an override in the past, a bad limit.
         for path, body, says in [
             ("resets", {"budget": "nobody/*/day"}, "no budget 'nobody/*/day'"),
             ("resets", {"budget": "ads/*/day;user=*"}, "reset one user at a time"),
             ("overrides", {"budget": "search/*/day", "limit_usd": 1, "until": "2001-01-01T00:00"}, "in the future"),
             ("overrides", {"budget": "search/*/day", "limit_usd": -1, "until": until}, "limit_usd"),
+            ("overrides", {"budget": "search/*/day", "limit_usd": 1, "until": "2100-01-01T00:00"}, "within a year"),
         ]:
             r = admin(gw, "POST", f"/admin/budgets/{path}", json=body)
             assert r.status_code == 400 and says in r.json()["error"]["message"], (body, r.text)

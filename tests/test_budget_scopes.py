@@ -405,23 +405,36 @@ def test_a_request_whose_bill_is_unknown_makes_the_budget_exhausted_not_busy(
     user_gateway: Gateway, simulator, tag: str
 ) -> None:
     gw = user_gateway
-    # The provider reports no usage: the request's worst case stays held until the day ends.
-    stream = oa_stream = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["search/ranker"], max_retries=0)
-    for _ in oa_stream.chat.completions.create(
-        model="gpt-4o",
-        messages=MESSAGES,
-        max_tokens=1000,
-        user="kim",
-        stream=True,
-        extra_headers={**HEADERS, "x-sim-tag": tag, "x-sim-fail": "no-usage"},
-    ):
-        pass
-    del stream
+    c = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=KEYS["search/ranker"], max_retries=0)
+
+    def unknown_bill(user: str, max_tokens: int) -> None:
+        # The provider reports no usage: the request's worst case stays held until the day ends.
+        for _ in c.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,
+            max_tokens=max_tokens,
+            user=user,
+            stream=True,
+            extra_headers={**HEADERS, "x-sim-tag": tag, "x-sim-fail": "no-usage"},
+        ):
+            pass
+
+    unknown_bill("kim", 1000)  # holds about half of kim's limit
     chat(gw, "search/ranker", tag, "kim")
     err = refused(lambda: chat(gw, "search/ranker", tag, "kim"))
     # What holds the rest will never clear before the reset: exhausted, and the SDK must not retry every 2 s.
     assert err.body["code"] == "budget_exceeded" and err.response.headers["x-should-retry"] == "false"  # type: ignore[index]
     assert "whose bill is unknown" in err.message
+    # A reset lets a user spend again, even one whose whole limit is held for an unknown bill.
+    unknown_bill("lou", 4000)  # its worst case is above lou's limit: all of it stays held
+    assert refused(lambda: chat(gw, "search/ranker", tag, "lou")).body["code"] == "budget_exceeded"  # type: ignore[index]
+    reset = httpx.post(
+        f"{gw.url}/admin/budgets/resets",
+        headers={"authorization": f"Bearer {TOKEN}"},
+        json={"budget": "search/*/day;user=*|lou", "by": "ops"},
+    )
+    assert reset.status_code == 201, reset.text
+    chat(gw, "search/ranker", tag, "lou")
 
 
 def test_a_per_request_cap_needs_an_output_cap(simulator, tmp_path: Path, tag: str) -> None:

@@ -59,6 +59,12 @@ def test_openai_chat_and_responses_carry_the_cost(gw: Gateway, simulator, tag: s
     chunks = list(stream)
     usage = [ch.usage for ch in chunks if ch.usage is not None]
     assert len(usage) == 1 and exact(usage[0].cost_usd, billed_cost(simulator, f"{tag}-stream"))  # type: ignore[attr-defined]
+    # A caller that did not ask for the usage chunk but asked for the cost gets the chunk that carries it.
+    plain = oa(gw, {**OPT_IN, "x-sim-tag": f"{tag}-plain"}).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True
+    )
+    usage = [ch.usage for ch in plain if ch.usage is not None]
+    assert len(usage) == 1 and exact(usage[0].cost_usd, billed_cost(simulator, f"{tag}-plain"))  # type: ignore[attr-defined]
     r = oa(gw, {**OPT_IN, "x-sim-tag": f"{tag}-resp"}).responses.create(model="gpt-4o-mini", input="hi")
     assert r.usage is not None and exact(r.usage.cost_usd, billed_cost(simulator, f"{tag}-resp"))  # type: ignore[attr-defined]
     events = list(
@@ -156,3 +162,42 @@ def test_a_key_can_opt_in_for_all_its_requests(gw: Gateway, simulator, tag: str)
 
     done = wait_for(answered, timeout=15)
     assert done is not None and exact(done.usage.cost_usd, billed_cost(simulator, tag))  # type: ignore[union-attr]
+
+
+# --- the rewrite itself, without a network ----------------------------------------------------------------------
+
+
+def test_a_body_nested_too_deep_to_rewrite_is_left_as_it_is() -> None:
+    from metergate.costfield import body_with_cost
+
+    deep = b'{"usageMetadata": {"totalTokenCount": 3}, "args": ' + b"[" * 300 + b"]" * 300 + b"}"
+    assert body_with_cost(deep, ("usageMetadata",), 0.5) is None  # the header still carries the cost
+
+
+def test_only_the_data_line_of_an_event_changes() -> None:
+    from metergate.costfield import event_with_cost
+    from metergate.sse import SSEEvent
+
+    raw = b'event: message_delta\r\nid: 7\r\n: a comment\r\ndata: {"usage":{"output_tokens":3}}\r\n\r\n'
+    event = SSEEvent(raw, "message_delta", b'{"usage":{"output_tokens":3}}')
+    out = event_with_cost(event, ("usage",), 0.25)
+    assert out == (
+        b'event: message_delta\r\nid: 7\r\n: a comment\r\ndata: {"usage":{"output_tokens":3,"cost_usd":0.25}}\r\n\r\n'
+    )
+
+
+def test_a_last_event_without_its_blank_line_is_still_relayed() -> None:
+    from metergate.providers.gemini import GeminiSSEMeter
+
+    meter = GeminiSSEMeter("gemini-2.5-flash")
+    meter.include_cost(lambda usage: 0.001)
+    first = (
+        b'data: {"candidates":[{"content":{"parts":[{"text":"a"}]}}],"usageMetadata":{"promptTokenCount":2}}\r\n\r\n'
+    )
+    last = (
+        b'data: {"candidates":[{"finishReason":"STOP"}],'
+        b'"usageMetadata":{"promptTokenCount":2,"candidatesTokenCount":1}}\n'
+    )
+    relayed = meter.feed(first) + meter.feed(last)
+    assert b'"cost_usd":0.001' in relayed
+    assert relayed + meter.flush() == relayed + last  # the unterminated last event, as it came

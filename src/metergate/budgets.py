@@ -311,6 +311,17 @@ class LocalReservations:
     def kept_pusd(self, counter: str, window_start: float) -> int:
         return self._kept.get((counter, window_start), 0)
 
+    async def release_kept(self, counter: str, w: Window) -> None:
+        """A reset: the reservations kept for unknown bills are let go with the spend set aside."""
+        key = (counter, w.start_ts)
+        kept = self._kept.pop(key, 0)
+        left = self._reserved.get(key, 0) - kept
+        if left > 0:
+            self._reserved[key] = left
+        else:
+            self._reserved.pop(key, None)
+            self._ends.pop(key, None)
+
     async def expire(self) -> None:
         """Forget the reservations of periods that have ended (what was kept for unknown bills included)."""
         now = self.tracker.clock.time()
@@ -527,6 +538,17 @@ class SharedReservations:
 
     def kept_pusd(self, counter: str, window_start: float) -> int:
         return self._seen.get((counter, window_start), (0, 0, 0))[2]
+
+    async def release_kept(self, counter: str, w: Window) -> None:
+        """A reset: the holds kept until the period's end (unknown bills) are deleted, and leave the counter."""
+        await self._run(
+            "WITH h AS (DELETE FROM budget_holds WHERE scope = %(scope)s AND period_start = %(start)s "
+            "AND expires_at = %(end)s RETURNING amount_pusd) "
+            "UPDATE budget_spend SET reserved_pusd = reserved_pusd - COALESCE((SELECT SUM(amount_pusd) FROM h), 0), "
+            "kept_pusd = GREATEST(kept_pusd - COALESCE((SELECT SUM(amount_pusd) FROM h), 0), 0) "
+            "WHERE scope = %(scope)s AND period_start = %(start)s",
+            {"scope": counter, "start": w.start_ts, "end": w.end_ts},
+        )
 
     async def spent_now(self, counter: str, window_start: float) -> int:
         rows = await self._run(
@@ -780,7 +802,8 @@ class BudgetGuard:
     def spent(self, budget: BudgetConfig, counter: str, w: Window) -> int:
         """What counts against a budget counter in the window: its spend, less what a reset set aside."""
         assert budget.period is not None
-        return self.tracker.spent(self._spend_key(budget, counter), budget.period, w) - self.offset(counter, w)
+        # The set-aside figure may be the shared counter's, ahead of the ledger for a moment: never below zero.
+        return max(0, self.tracker.spent(self._spend_key(budget, counter), budget.period, w) - self.offset(counter, w))
 
     # --- overrides and resets --------------------------------------------------------------------------------
 
@@ -810,11 +833,13 @@ class BudgetGuard:
         return None
 
     def apply_adjustments(self, adjustments: list[Adjustment]) -> None:
-        """The ledger's overrides and resets, oldest first: a later one on a counter replaces an earlier one."""
+        """The ledger's overrides and resets, oldest first: a later one on a counter replaces an earlier one (an
+        override ended early no longer counts)."""
         overrides: dict[str, Adjustment] = {}
         resets: dict[tuple[str, float], int] = {}
         for a in adjustments:
-            if a.kind == "override":
+            if a.kind == "override" and a.ended_at is None:
+                # An override ended early drops out: an older one still running comes back.
                 overrides[a.counter] = a
             elif a.kind == "reset" and a.offset_pusd is not None:
                 resets[(a.counter, a.period_start)] = a.offset_pusd
@@ -859,6 +884,8 @@ class BudgetGuard:
         known = ", ".join(self.index.id_of(b) for b in self.budgets if b.period is not None) or "none"
         raise ValueError(f"no {period} budget with that scope; budgets with a limit: {known}")
 
+    MAX_OVERRIDE_S = 366 * 86400
+
     async def adjust(
         self,
         kind: str,
@@ -881,6 +908,8 @@ class BudgetGuard:
                 raise ValueError("limit_usd must be above 0 and at most 1e12")
             if until is None or until <= now:
                 raise ValueError("until must be in the future")
+            if until > now + self.MAX_OVERRIDE_S:
+                raise ValueError("until must be within a year: an override is temporary, the config is the rule")
         elif kind == "reset":
             if budget.per_user and counter == self.index.id_of(budget):
                 raise ValueError(f"a per-user budget is reset one user at a time: {counter}|<user>")
@@ -890,6 +919,9 @@ class BudgetGuard:
             offset = self.tracker.spent(self._spend_key(budget, counter), budget.period, w)
             if isinstance(self.reservations, SharedReservations):
                 offset = max(offset, await self.reservations.spent_now(counter, w.start_ts))
+            # Reservations kept for bills that will never be known go with it: a reset lets traffic through.
+            await self.reservations.release_kept(counter, w)
+            self._warned = {k for k in self._warned if k[0] != counter}
         else:
             raise ValueError(f"unknown adjustment {kind!r}")
         a = Adjustment(

@@ -198,7 +198,7 @@ class Gateway:
                 sse = "text/event-stream" in content_type
                 meter = ctx.stream_meter = adapter.stream_meter(endpoint, facts, sse)
                 if ctx.include_cost and isinstance(meter, SSEStreamMeter):
-                    meter.cost_of = lambda usage: self._cost_for(ctx, usage)
+                    meter.include_cost(lambda usage: self._cost_for(ctx, usage))
                 return await self._relay_stream(out, ctx, response, meter)
             return await self._relay_body(out, ctx, response)
 

@@ -106,6 +106,15 @@ class SSEStreamMeter(StreamMeter):
         out = [relayed for event in events if (relayed := self.observe(event)) is not None]
         return b"".join(out)
 
+    def flush(self) -> bytes:
+        # With the cost on, events are relayed whole: a last one without its blank line is relayed as it came.
+        relays_whole_events = self.cost_of is not None and self.usage_marker and not self.rewrites
+        return self._buffer.pending() if relays_whole_events else b""
+
+    def include_cost(self, cost_of: Callable[[Usage], float | None]) -> None:
+        """The caller opted in to the cost: usage events carry it (and are shown, where they would be hidden)."""
+        self.cost_of = cost_of
+
     def _with_cost(self, event: SSEEvent) -> bytes:
         relayed = self.observe(event)
         if not self.rewrites:

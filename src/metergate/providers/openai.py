@@ -10,7 +10,7 @@ terminal `response.completed` / `response.incomplete` / `response.failed` event.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -196,6 +196,11 @@ class ChatStreamMeter(SSEStreamMeter):
         self._usage: Usage | None = None
         self._error: UsageError | None = None
         self._done = b""
+
+    def include_cost(self, cost_of: Callable[[Usage], float | None]) -> None:
+        # The cost is in the usage chunk: a caller who asked for it gets that chunk, as with include_usage.
+        super().include_cost(cost_of)
+        self._hide = False
 
     def observe(self, event: SSEEvent) -> bytes | None:
         data = event.data
