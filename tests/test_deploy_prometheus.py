@@ -43,6 +43,7 @@ REQUIRED_ALERTS = {
     "LLMUnpricedModelTraffic",
     "LLMLedgerDown",
     "LLMLedgerRecordsLost",
+    "LLMRateLimitsNotShared",
     "LLMLedgerRecordsRejected",
     "LLMUnmeteredTraffic",
 }
