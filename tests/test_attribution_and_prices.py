@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -134,6 +136,7 @@ def test_demo_serves_attributed_priced_metrics_within_seconds(tmp_path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={k: v for k, v in os.environ.items() if k != "METERGATE_ADMIN_TOKEN"},
     )
     try:
 
@@ -153,6 +156,22 @@ def test_demo_serves_attributed_priced_metrics_within_seconds(tmp_path) -> None:
             model="gpt-4o-mini", messages=MESSAGES
         )
         assert reply.usage.total_tokens > 0
+        # Its traffic names end users and customers: reports split by them (the ledger only, never labels).
+        from metergate.demo import DEMO_ADMIN_TOKEN, DEMO_CUSTOMERS
+
+        today = datetime.now(UTC).date().isoformat()
+
+        def customers() -> set[str]:
+            rows = httpx.get(
+                f"http://{listen}/admin/reports",
+                params={"from": today, "to": today, "by": "tag.customer,user"},
+                headers={"authorization": f"Bearer {DEMO_ADMIN_TOKEN}"},
+                timeout=5,
+            ).json()
+            return {r["tag.customer"] for r in rows if r["user"]}
+
+        assert wait_for(lambda: set(DEMO_CUSTOMERS) <= customers(), timeout=15)
+        assert "customer" not in httpx.get(f"http://{metrics}/metrics", timeout=5).text
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)

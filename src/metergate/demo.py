@@ -63,6 +63,7 @@ DEMO_APPS = (
 
 
 DEMO_ADMIN_TOKEN = "mg-demo-admin"
+DEMO_CUSTOMERS = ("acme", "globex", "initech")
 
 
 def demo_config(sim_url: str, listen: str, metrics_listen: str, ledger_dir: str) -> Config:
@@ -96,11 +97,15 @@ def demo_config(sim_url: str, listen: str, metrics_listen: str, ledger_dir: str)
                 for a in DEMO_APPS
             ],
             "ledger": {"url": f"sqlite:///{ledger_dir}/metergate-demo.db"},
+            # The synthetic traffic names end users and a customer tag, for reports by user and chargeback per
+            # customer.
+            "attribution": {"tags": ["customer"]},
             # Budgets the synthetic traffic runs into: research's hard daily cap starts refusing after a while.
             "budgets": [
                 {"team": "research", "period": "day", "limit_usd": 5, "action": "block"},
                 {"team": "search", "period": "month", "limit_usd": 500, "action": "alert", "warn_at": 0.8},
                 {"team": "support", "app": "assistant", "period": "day", "limit_usd": 20, "action": "alert"},
+                {"team": "support", "user": "*", "period": "day", "limit_usd": 1, "action": "alert"},
             ],
         }
     )
@@ -117,6 +122,10 @@ def _request(app: DemoApp, rng: random.Random, gateway: str) -> tuple[str, dict[
         headers["x-sim-reasoning-tokens"] = str(int(out * 0.6))
     if rng.random() < 0.01:
         headers["x-sim-fail"] = rng.choice(["status:429", "status:500"])
+    # Every request is for one of 40 end users of three customers (README "Attribution").
+    user = rng.randrange(40)
+    headers["x-metergate-user"] = f"user-{user:02d}"
+    headers["x-metergate-tags"] = f"customer={DEMO_CUSTOMERS[user % len(DEMO_CUSTOMERS)]}"
     stream = rng.random() < app.stream_share
     prompt = [{"role": "user", "content": "demo request"}]
     if app.family == "anthropic":
@@ -186,7 +195,8 @@ Cost priced per model instead of a flat rate:
 
 Budgets: research has a $5/day hard cap (it starts getting 429s after a while), search a $500/month alert.
 Admin API: curl -H "Authorization: Bearer {os.environ.get(ADMIN_TOKEN_ENV, DEMO_ADMIN_TOKEN)}" http://{listen}/admin/budgets
-  (reports too: /admin/reports?from=YYYY-MM-DD&to=YYYY-MM-DD, /admin/reports/chargeback?team=research)
+  (reports too: /admin/reports?from=YYYY-MM-DD&to=YYYY-MM-DD&by=team,user,
+   /admin/reports?...&by=tag.customer, /admin/reports/chargeback?tag=customer=acme)
 Ledger: {ledger_dir}/metergate-demo.db (SQLite; removed when the demo stops)
 
 Ctrl+C stops it."""
