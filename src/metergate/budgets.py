@@ -810,20 +810,16 @@ class BudgetGuard:
     def limits(self, budget: BudgetConfig, counter: str) -> tuple[int, int]:
         """(warn, limit) in pico-dollars: the configured ones, or an override's while it lasts (one on a per-user
         counter wins over one on its whole budget)."""
-        if self._overrides:
-            bid = self.index.id_of(budget)
-            now = self.clock.time()
-            for key in (counter, bid) if counter != bid else (bid,):
-                o = self._overrides.get(key)
-                if o is not None and o.ended_at is None and o.until is not None and o.until > now:
-                    assert o.limit_usd is not None
-                    return to_pusd(o.limit_usd * Decimal(str(budget.warn_at))), to_pusd(o.limit_usd)
+        o = self.override_of(budget, counter) if self._overrides else None
+        if o is not None and o.limit_usd is not None:
+            return to_pusd(o.limit_usd * Decimal(str(budget.warn_at))), to_pusd(o.limit_usd)
         return self._thresholds[id(budget)]
 
     def offset(self, counter: str, w: Window) -> int:
         return self._resets.get((counter, w.start_ts), 0) if self._resets else 0
 
     def override_of(self, budget: BudgetConfig, counter: str) -> Adjustment | None:
+        """The override in force on a counter: its own, else its budget's (a per-user budget's `*`)."""
         bid = self.index.id_of(budget)
         now = self.clock.time()
         for key in (counter, bid):
@@ -855,8 +851,7 @@ class BudgetGuard:
             bid = self.index.id_of(b)
             if counter == bid or (b.per_user and counter.startswith(bid + "|") and len(counter) > len(bid) + 1):
                 return b, counter
-        known = ", ".join(self.index.id_of(b) for b in self.budgets if b.period is not None) or "none"
-        raise ValueError(f"no budget {counter!r}; budgets with a limit: {known}")
+        raise ValueError(f"no budget {counter!r}; budgets with a limit: {self._known_ids()}")
 
     def find(
         self,
@@ -873,16 +868,21 @@ class BudgetGuard:
         """The counter id of the budget with exactly this scope and period (`user` also names one user of a
         per-user budget of that scope)."""
         fields = (team, app, key, tuple(sorted((tags or {}).items())), model, provider, period)
-        for b in self.budgets:
-            mine = (b.team, b.app, b.key, tuple(sorted(b.tags.items())), b.model, b.provider, b.period)
-            if mine == fields and b.user == user:
+        same = [
+            b
+            for b in self.budgets
+            if (b.team, b.app, b.key, tuple(sorted(b.tags.items())), b.model, b.provider, b.period) == fields
+        ]
+        for b in same:
+            if b.user == user:
                 return self.index.id_of(b)
-        for b in self.budgets:
-            mine = (b.team, b.app, b.key, tuple(sorted(b.tags.items())), b.model, b.provider, b.period)
-            if mine == fields and b.per_user and user is not None:
+        for b in same:
+            if b.per_user and user is not None:
                 return f"{self.index.id_of(b)}|{user}"
-        known = ", ".join(self.index.id_of(b) for b in self.budgets if b.period is not None) or "none"
-        raise ValueError(f"no {period} budget with that scope; budgets with a limit: {known}")
+        raise ValueError(f"no {period} budget with that scope; budgets with a limit: {self._known_ids()}")
+
+    def _known_ids(self) -> str:
+        return ", ".join(self.index.id_of(b) for b in self.budgets if b.period is not None) or "none"
 
     MAX_OVERRIDE_S = 366 * 86400
 
