@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# focus-validator pins numpy<2 and pandas<3: it lives in a venv of its own (tests/focus-validator.txt).
+FOCUS_VENV := .venv-focus
+FOCUS_STAMP := $(FOCUS_VENV)/.installed
 
 .PHONY: demo test lint system-deps bench dashboards
 
@@ -12,10 +15,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+$(FOCUS_STAMP): tests/focus-validator.txt
+	$(PYTHON) -m venv $(FOCUS_VENV)
+	$(FOCUS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FOCUS_VENV)/bin/python -m pip install --quiet -r tests/focus-validator.txt
+	touch $(FOCUS_STAMP)
+
 demo: $(STAMP)  ## run the gateway with simulated providers and synthetic traffic
 	$(BIN)/metergate demo
 
-test: $(STAMP) system-deps  ## lint, then the whole test suite (Prometheus, PostgreSQL and SDK tests included)
+test: $(STAMP) $(FOCUS_STAMP) system-deps  ## lint, then the whole test suite (Prometheus, PostgreSQL and SDK tests included)
 	$(BIN)/ruff check src tests benchmarks deploy
 	$(BIN)/mypy
 	$(BIN)/pytest

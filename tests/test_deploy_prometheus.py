@@ -46,6 +46,7 @@ REQUIRED_ALERTS = {
     "LLMRateLimitsNotShared",
     "LLMLedgerRecordsRejected",
     "LLMUnmeteredTraffic",
+    "LLMReconciliationGap",
 }
 # The recording rules of the metrics contract, exactly: dashboards and alerts share these names.
 CONTRACT_RECORDING_RULES = {

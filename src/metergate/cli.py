@@ -51,6 +51,17 @@ def _fail(title: str, detail: object) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _emit(text: str, output: Path | None) -> None:
+    """A command's document to --output, or to stdout."""
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        raise _fail("cannot write --output", f"{output}: {exc.strerror}") from None
+
+
 def _table(title: str, *columns: str) -> Table:
     table = Table(title=title)
     for column in columns:
@@ -158,6 +169,13 @@ def check_config(path: Annotated[Path, typer.Argument(help="The YAML config file
         for pr in cfg.prices:
             _row(prices, pr.model, pr.provider or "any", pr.input_mtok, pr.output_mtok)
         console.print(prices)
+    if cfg.reconcile:
+        reconcile = _table("Reconciled with the provider's bill", "provider", "admin key", "gateway keys", "serve")
+        for name, rc in cfg.reconcile.items():
+            every = f"every {rc.every_s:g} s, last {rc.lookback_days} finished days" if rc.every_s else "CLI only"
+            ids = ", ".join(rc.api_key_ids) or "found from the key's redacted form"
+            _row(reconcile, name, f"${rc.admin_key_env}", ids, every)
+        console.print(reconcile)
     if cfg.server.trusted_headers:
         console.print(Text("trusted headers on: x-metergate-team / x-metergate-app attribute requests without a key"))
     for warning in cfg.missing_secrets():
@@ -585,13 +603,92 @@ def chargeback(
     except ValueError as exc:
         raise _fail("invalid chargeback", exc) from None
     text = to_csv(result) if fmt == "csv" else chargeback_markdown(statement_subject(filters), month, result)
-    if output is not None:
-        try:
-            output.write_text(text)
-        except OSError as exc:
-            raise _fail("cannot write --output", f"{output}: {exc.strerror}") from None
-    else:
-        sys.stdout.write(text)
+    _emit(text, output)
+
+
+export_app = typer.Typer(help="The ledger in formats other tools read.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("focus")
+def export_focus(
+    config: ConfigPath,
+    start: Annotated[str, typer.Option("--from", help="First day, e.g. 2026-11-01 (the config's timezone).")],
+    end: Annotated[str, typer.Option("--to", help="Last day, inclusive.")],
+    output: Annotated[Path, typer.Option(help="The file to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="csv or parquet (parquet needs pyarrow).")] = "csv",
+) -> None:
+    """The ledger as a FOCUS 1.0 dataset (FinOps Open Cost and Usage Specification): one row per day, team, app,
+    provider, model, user and tag values, for FinOps tools."""
+    from metergate.focus import FOCUS_VERSION, focus_rows, write_csv, write_parquet
+
+    cfg = _load(config)
+    if fmt not in ("csv", "parquet"):
+        raise _fail("invalid --format", "choose csv or parquet")
+    try:
+        first, last = parse_day(start), parse_day(end)
+        rows = _run(_with_ledger(cfg, lambda ledger: focus_rows(cfg, ledger, first, last)))
+        (write_parquet if fmt == "parquet" else write_csv)(rows, output)
+    except ValueError as exc:
+        raise _fail("invalid export", exc) from None
+    except OSError as exc:
+        raise _fail("cannot write --output", f"{output}: {exc.strerror}") from None
+    if not rows:
+        print("warning: no charges in these days: the file has its header only", file=sys.stderr)
+    total = sum((r["BilledCost"] for r in rows), Decimal(0))
+    print(f"{len(rows)} rows, BilledCost ${total} (FOCUS {FOCUS_VERSION}) written to {output}", file=sys.stderr)
+
+
+@app.command("reconcile")
+def reconcile_cmd(
+    config: ConfigPath,
+    start: Annotated[str, typer.Option("--from", help="First UTC day, e.g. 2026-11-01.")],
+    end: Annotated[str, typer.Option("--to", help="Last UTC day, inclusive.")],
+    fmt: Annotated[str, typer.Option("--format", help="markdown, json or csv.")] = "markdown",
+    provider: Annotated[
+        list[str] | None, typer.Option(help="Only this provider (repeat for more); default: every one in reconcile.")
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """The ledger checked against each provider's own usage and cost reports (its admin API): one row per UTC day,
+    model and provider-side API key, every difference explained. Nothing is printed unless every report was read
+    in full."""
+    from metergate.pricing import PriceBook
+    from metergate.reconcile import ReconcileError
+    from metergate.reconcile.bill import day_number
+    from metergate.reconcile.formats import to_csv, to_json, to_markdown
+    from metergate.reconcile.run import reconcile_provider
+
+    cfg = _load(config)
+    if fmt not in ("markdown", "json", "csv"):
+        raise _fail("invalid --format", "choose markdown, json or csv")
+    names = provider or list(cfg.reconcile)
+    if not names:
+        raise _fail("nothing to reconcile", "add a reconcile: section naming a provider and its admin key")
+    unknown = [n for n in names if n not in cfg.reconcile]
+    if unknown:
+        raise _fail("invalid --provider", f"{', '.join(unknown)} not in the config's reconcile: section")
+    try:
+        first, last = day_number(parse_day(start)), day_number(parse_day(end))
+        if last < first:
+            raise ValueError(f"--to {end} is before --from {start}")
+        if last - first > 366:
+            raise ValueError("reconcile at most 367 days at a time")
+    except ValueError as exc:
+        raise _fail("invalid dates", exc) from None
+    prices = PriceBook(cfg.prices)
+
+    async def work(ledger: Ledger) -> list[Any]:
+        return [await reconcile_provider(cfg, n, ledger, prices, first, last) for n in names]
+
+    try:
+        results = _run(_with_ledger(cfg, work))
+    except ReconcileError as exc:
+        raise _fail("reconciliation failed, no report written", exc) from None
+    text = (
+        to_json(results).decode() + "\n" if fmt == "json" else to_csv(results) if fmt == "csv" else to_markdown(results)
+    )
+    _emit(text, output)
 
 
 @app.command("forecast")

@@ -32,6 +32,9 @@ DEFAULT_PRICING_PROVIDER: dict[str, str | None] = {
     "openai-compatible": None,
 }
 
+# Provider types whose admin API reports usage and cost per API key (metergate reconcile).
+RECONCILABLE = frozenset({"openai", "anthropic"})
+
 # Label values metergate gives to what the config does not name; no team or app may be called this.
 RESERVED_LABELS = frozenset({"other", "unauthenticated"})
 
@@ -136,6 +139,21 @@ class ServerConfig(_Model):
         return v
 
 
+def base_url(v: str) -> str:
+    """An http(s) base URL the upstream client can use, without a trailing slash."""
+    if not re.match(r"^https?://[^/\s]+", v):
+        raise ValueError(f"base_url must be an http(s) URL, got {v!r}")
+    try:
+        url = URL(v)  # the URL parser the upstream client uses: what it refuses must be refused here
+        if not url.host or url.port is None or not 0 < url.port < 65536:
+            raise ValueError("no host or port")
+    except ValueError as exc:
+        raise ValueError(f"base_url {v!r} is not a usable URL: {exc}") from None
+    if url.query_string or url.fragment:
+        raise ValueError(f"base_url {v!r} must not carry a query or a fragment")
+    return v.rstrip("/")
+
+
 class ProviderConfig(_Model):
     type: ProviderType
     base_url: str
@@ -152,17 +170,7 @@ class ProviderConfig(_Model):
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"base_url must be an http(s) URL, got {v!r}")
-        try:
-            url = URL(v)  # the URL parser the upstream client uses: what it refuses must be refused here
-            if not url.host or url.port is None or not 0 < url.port < 65536:
-                raise ValueError("no host or port")
-        except ValueError as exc:
-            raise ValueError(f"base_url {v!r} is not a usable URL: {exc}") from None
-        if url.query_string or url.fragment:
-            raise ValueError(f"base_url {v!r} must not carry a query or a fragment")
-        return v.rstrip("/")
+        return base_url(v)
 
     @model_validator(mode="after")
     def _azure(self) -> ProviderConfig:
@@ -397,6 +405,37 @@ class SharedStateConfig(_Model):
         return v
 
 
+class ReconcileConfig(_Model):
+    """Where to read one provider's own usage and cost reports (its admin API), to check the ledger against them."""
+
+    # The environment variable holding the admin key (OpenAI `sk-admin-...`, Anthropic `sk-ant-admin01-...`).
+    admin_key_env: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # The provider-side ids of the API keys the gateway sends traffic with (OpenAI `key_...`, Anthropic
+    # `apikey_...`); empty: found by matching the provider's key hints against the gateway's own key.
+    api_key_ids: list[str] = Field(default_factory=list, max_length=64)
+    # Default: the provider's base_url (its admin API lives on the same host).
+    base_url: str | None = None
+    # Reconcile in `serve` every so often (seconds); unset: only `metergate reconcile` does.
+    every_s: float | None = Field(default=None, ge=60, le=7 * _DAY)
+    # In `serve`: the finished UTC days reconciled each time, and how long after a day ends it counts as finished
+    # (providers publish late usage for a while).
+    lookback_days: int = Field(default=7, ge=1, le=31)
+    settle_s: float = Field(default=7200, ge=0, le=7 * _DAY)
+    # LLMReconciliationGap fires when |provider cost / gateway cost - 1| is past tolerance_ratio and the gap is
+    # past tolerance_usd (a cent on a quiet day is not worth a ticket); both are exported as gauges for the rule.
+    tolerance_ratio: float = Field(default=0.01, ge=0, le=10)
+    tolerance_usd: float = Field(default=1.0, ge=0, le=1e9)
+    timeout_s: float = Field(default=30, gt=0, le=600)
+    # 429 and 5xx answers are retried this many times, waiting what `retry-after` says (at most max_wait_s).
+    max_retries: int = Field(default=4, ge=0, le=20)
+    max_wait_s: float = Field(default=60, ge=0, le=3600)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return None if v is None else base_url(v)
+
+
 class LedgerConfig(_Model):
     url: str = "sqlite:///metergate.db"
     batch_size: int = Field(default=1000, gt=0, le=100_000)
@@ -456,6 +495,8 @@ class Config(_Model):
     batches: BatchesConfig = Field(default_factory=BatchesConfig)
     attribution: AttributionConfig = Field(default_factory=AttributionConfig)
     ledger: LedgerConfig | None = None
+    # Provider name -> its admin API, for `metergate reconcile` and periodic reconciliation.
+    reconcile: dict[LabelValue, ReconcileConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _cross_refs(self) -> Config:
@@ -479,6 +520,18 @@ class Config(_Model):
                     ("providers", name, "pricing_provider"),
                     f"{provider.pricing_provider!r} is not a genai-prices provider id "
                     f"(one of: {', '.join(sorted(catalogue))})",
+                )
+        if self.reconcile and self.ledger is None:
+            raise _FieldError(("reconcile",), "reconciliation compares the ledger with the bill: set ledger: too")
+        for name in self.reconcile:
+            reconciled = self.providers.get(name)
+            if reconciled is None:
+                raise _FieldError(("reconcile", name), f"unknown provider {name!r}")
+            if reconciled.type not in RECONCILABLE:
+                raise _FieldError(
+                    ("reconcile", name),
+                    f"{reconciled.type} publishes no usage or cost API to reconcile with"
+                    + (" (Gemini's costs are in Cloud Billing exports)" if reconciled.type == "gemini" else ""),
                 )
         for i, route in enumerate(self.routes):
             if route.provider not in self.providers:

@@ -188,6 +188,19 @@ class RateCard:
         return total
 
 
+_PROBE_TOKENS = 1000  # below every long-context tier threshold
+# One usage per kind of token whose price is that kind's unit price (cache reads and writes are within input).
+_UNIT_PROBES = {
+    "input": Usage(input_tokens=_PROBE_TOKENS),
+    "cached_input": Usage(input_tokens=_PROBE_TOKENS, cache_read_tokens=_PROBE_TOKENS),
+    "cache_write": Usage(input_tokens=_PROBE_TOKENS, cache_write_tokens=_PROBE_TOKENS),
+    "cache_write_1h": Usage(
+        input_tokens=_PROBE_TOKENS, cache_write_tokens=_PROBE_TOKENS, cache_write_1h_tokens=_PROBE_TOKENS
+    ),
+    "output": Usage(output_tokens=_PROBE_TOKENS),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class CatalogueEntry:
     provider: Provider
@@ -286,6 +299,20 @@ class PriceBook:
         )
 
     # --- prices ----------------------------------------------------------------------------------------------
+
+    def per_mtok(
+        self, provider_name: str, pricing_provider: str | None, model: str, at: datetime
+    ) -> dict[str, Decimal] | None:
+        """USD per million tokens of each kind (`input` uncached, `cached_input`, `cache_write`, `cache_write_1h`,
+        `output`) for one ordinary request (below long-context tiers), or None when the model has no price. For
+        setting beside a provider's bill or pricing a day's tokens at list price, not for pricing requests."""
+        out: dict[str, Decimal] = {}
+        for kind, usage in _UNIT_PROBES.items():
+            usd = self.price(provider_name, pricing_provider, model, usage, at)
+            if usd is None:
+                return None
+            out[kind] = usd * (1_000_000 // _PROBE_TOKENS)
+        return out
 
     def price(
         self,

@@ -39,6 +39,7 @@ from metergate.pricing import PriceBook
 from metergate.providers import build_upstream
 from metergate.ratelimits import RateLimiter
 from metergate.realtime import RealtimeRelay
+from metergate.reconcile.periodic import PeriodicReconciler
 from metergate.rewrite import UploadSessions, url_taps
 from metergate.routing import Router
 
@@ -126,6 +127,17 @@ class _BatchesService(Service):
 
     async def stop(self) -> None:
         await self.batches.stop()
+
+
+class _ReconcilerService(Service):
+    def __init__(self, reconciler: PeriodicReconciler) -> None:
+        self.reconciler = reconciler
+
+    async def start(self) -> None:
+        await self.reconciler.start()
+
+    async def stop(self) -> None:
+        await self.reconciler.stop()
 
 
 class KeySync(Service):
@@ -219,6 +231,10 @@ def build_runtime(config: Config) -> Runtime:
 
     if ledger is not None:
         services.append(KeySync(ledger, keys, labels))
+        reconciler = PeriodicReconciler(config, ledger, prices)
+        if reconciler.providers:
+            meter.add_collector(reconciler.collect)
+            services.append(_ReconcilerService(reconciler))
     admin = AdminApi(guard, ledger, key_changed)
     realtime = RealtimeRelay(
         config, keys, labels, router, clients, recorder, guard, dispatcher.next_id, guard.clock.time, attribution

@@ -90,6 +90,24 @@ class Aggregate:
     tokens_out: int
     tokens_cached: int
     cost_pusd: int
+    tokens_cache_write: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderDay:
+    """What the gateway sent one provider for one model on one UTC day (`day` = days since 1970-01-01)."""
+
+    day: int
+    provider: str
+    model: str
+    requests: int  # answered: the provider's usage was read
+    failed: int  # sent upstream, then failed (a cut stream, a timeout...): the provider may have billed them
+    unpriced: int  # answered, but the gateway had no price for them
+    tokens_in: int
+    tokens_out: int
+    tokens_cached: int
+    tokens_cache_write: int
+    cost_pusd: int
 
 
 class Store(ABC):
@@ -232,7 +250,8 @@ class Store(ABC):
         rows = self._execute(
             f"SELECT {select}COUNT(*), SUM(CASE WHEN error_type IS NULL THEN 0 ELSE 1 END), "
             "COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), COALESCE(SUM(tokens_cached), 0), "
-            f"COALESCE(SUM(cost_pusd), 0) FROM usage_records WHERE {where}{group}",
+            "COALESCE(SUM(cost_pusd), 0), COALESCE(SUM(tokens_cache_write), 0) "
+            f"FROM usage_records WHERE {where}{group}",
             params,
         )
         n = len(by)
@@ -245,6 +264,7 @@ class Store(ABC):
                 int(row[n + 3]),
                 int(row[n + 4]),
                 int(row[n + 5]),
+                int(row[n + 6]),
             )
             for row in rows
             if int(row[n]) > 0
@@ -271,6 +291,27 @@ class Store(ABC):
         )
         n = len(by)
         return [(_group(row[:n]), str(row[n]), int(row[n + 1])) for row in rows]
+
+    def provider_days(self, since: float, until: float) -> list[ProviderDay]:
+        """Per UTC day, provider and model sent upstream: what the gateway metered, for reconciliation with the
+        provider's own bill (whose buckets are UTC days). Every row's tokens and cost count; requests refused before
+        they were sent count as neither answered nor failed."""
+        day = "CAST(started_at / 86400 AS INTEGER)" if self.dialect == "sqlite" else "FLOOR(started_at / 86400)::BIGINT"
+        # Answered: its usage was read (a client gone after the last byte included); failed: sent, usage unknown.
+        answered = "(metered <> 0 AND (error_type IS NULL OR tokens_in + tokens_out > 0))"
+        failed = "(metered = 0 AND error_type IS NOT NULL)"
+        p = self._p
+        rows = self._execute(
+            f"SELECT {day} AS d, provider, upstream_model, "
+            f"SUM(CASE WHEN {answered} THEN 1 ELSE 0 END), "
+            f"SUM(CASE WHEN {failed} THEN 1 ELSE 0 END), "
+            f"SUM(CASE WHEN {answered} AND priced = 0 THEN 1 ELSE 0 END), "
+            "COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), COALESCE(SUM(tokens_cached), 0), "
+            "COALESCE(SUM(tokens_cache_write), 0), COALESCE(SUM(cost_pusd), 0) "
+            f"FROM usage_records WHERE started_at >= {p} AND started_at < {p} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            (since, until),
+        )
+        return [ProviderDay(int(r[0]), str(r[1]), str(r[2]), *(int(v or 0) for v in r[3:])) for r in rows]
 
     # --- API keys --------------------------------------------------------------------------------------------
 

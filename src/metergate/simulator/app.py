@@ -17,9 +17,13 @@ from urllib.parse import parse_qs, unquote
 import orjson
 
 from metergate.simulator import anthropic, gemini, media, openai, realtime
+from metergate.simulator.admin import AdminAPI, is_admin_path, presented_key
+from metergate.simulator.billing import PriceList
 from metergate.simulator.plan import REPLAY, RESPONSE_HEADER, TAG, Bill, Billed, make_plan
 from metergate.simulator.resources import Request, Resources
 from metergate.simulator.wire import Wire
+
+ADMIN_KEYS = {"openai": "sk-admin-sim", "anthropic": "sk-ant-admin01-sim"}
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -99,6 +103,23 @@ class SimulatedProvider:
         self.resources = Resources(self)
         self.received: deque[Request] = deque(maxlen=1000)  # resource requests (files, batches...) as they arrived
         self.handshakes: deque[dict[str, Any]] = deque(maxlen=1000)  # Realtime WebSocket handshakes
+        # Other keys accepted besides `keys` (traffic that bypasses the gateway), by family.
+        self.extra_keys: dict[str, list[str]] = {}
+        # The admin APIs (simulator/admin.py): the admin key per family, prices, failures to answer with.
+        self.admin_keys = dict(ADMIN_KEYS)
+        self.price_list = PriceList()
+        self.admin_failures: deque[int] = deque()  # statuses for the next admin calls (429 comes with retry-after)
+        self.admin_calls: deque[str] = deque(maxlen=1000)
+        self.cost_places: int | None = None  # Anthropic cost amounts rounded to this many decimals of a cent
+        self.admin = AdminAPI(self)
+
+    def accept_key(self, family: str, secret: str) -> None:
+        """Accept another API key for a family: traffic sent straight to the provider, around the gateway."""
+        self.extra_keys.setdefault(family, []).append(secret)
+
+    def accepted_keys(self, family: str) -> list[str]:
+        main = (self.keys or {}).get(family)
+        return ([main] if main else []) + self.extra_keys.get(family, [])
 
     def billed(self, tag: str | None = None) -> list[Bill]:
         return [b for b in list(self.bills) if tag is None or b.tag == tag]
@@ -152,6 +173,9 @@ class SimulatedProvider:
             family, api = "openai", "openai." + path[4:].replace("/", ".")
         elif path in _OPENAI_MEDIA:
             family, api = "openai", "openai.media." + _OPENAI_MEDIA[path]
+        if is_admin_path(path):
+            await self.admin.handle(family, method, path, query, headers, wire)
+            return
         if not self._authorized(family, headers, query):
             await self._error(wire, family, 401, "Invalid API key.")
             return
@@ -319,18 +343,15 @@ class SimulatedProvider:
         await wire.end()
 
     def _authorized(self, family: str, headers: dict[str, str], query: str) -> bool:
-        if self.keys is None:
+        if self.keys is None or self.keys.get(family) is None:
             return True
-        expected = self.keys.get(family)
-        if expected is None:
-            return True
-        presented = {
-            "openai": headers.get("authorization", "").removeprefix("Bearer "),
-            "azure": headers.get("api-key", ""),
-            "anthropic": headers.get("x-api-key", ""),
-            "gemini": headers.get("x-goog-api-key", ""),
-        }[family]
-        return presented == expected
+        if family == "azure":
+            presented = headers.get("api-key", "")
+        elif family == "gemini":
+            presented = headers.get("x-goog-api-key", "")
+        else:
+            presented = presented_key(family, headers)
+        return presented in self.accepted_keys(family)
 
     async def error(self, wire: Wire, family: str, status: int, message: str) -> None:
         await self._error(wire, family, status, message)

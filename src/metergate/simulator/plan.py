@@ -8,6 +8,7 @@ Callers steer it with `x-sim-*` request headers, which the gateway forwards like
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -86,6 +87,7 @@ class Bill:
     custom_id: str | None = None  # its id within the batch
     units: dict[str, int] = field(default_factory=dict)  # non-token charges: {"image": 2}, {"audio_second": 61}
     body: bytes = b""  # the request body as received (kept for uploads: multipart requests)
+    at: float = field(default_factory=time.time)  # when it was billed (the admin APIs' buckets)
 
 
 @dataclass(slots=True)
