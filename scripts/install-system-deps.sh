@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite runs for real: prometheus (with promtool) and
-# prometheus-alertmanager (with amtool). Does nothing when they are already there.
+# Installs the Debian packages the test suite runs for real: prometheus (with promtool),
+# prometheus-alertmanager (with amtool) and chromium (the console's browser tests, driven by Playwright).
+# Does nothing when they are already there.
 set -euo pipefail
 
 need=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v amtool >/dev/null 2>&1 && { command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1; } || need+=(prometheus-alertmanager)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then sudo=(); elif command -v sudo >/dev/null 2>&1; then sudo=(sudo); else

@@ -274,7 +274,10 @@ def system_tool(name: str) -> str:
     """The path of a Debian-packaged tool the tests run for real; fails (never skips) when it is missing."""
     path = shutil.which(name)
     if path is None:
-        package = "prometheus-alertmanager" if name in ("alertmanager", "amtool") else "prometheus"
+        package = {"alertmanager": "prometheus-alertmanager", "amtool": "prometheus-alertmanager"}.get(
+            name, "prometheus"
+        )
+        package = "chromium" if name == "chromium" else package
         pytest.fail(
             f"`{name}` is not installed: this test runs the real tool. Install Debian's {package} "
             f"(`make system-deps`, scripts/install-system-deps.sh, or `apt-get install {package}`).",

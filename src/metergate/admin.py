@@ -15,6 +15,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl
+from zoneinfo import ZoneInfo
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,14 +25,17 @@ from metergate.attribution import unlisted_tag
 from metergate.auth import Principal
 from metergate.budgets import BudgetGuard
 from metergate.config import RESERVED_LABELS, LabelValue, TagKey, TagValue, hash_key
+from metergate.console import same_origin
+from metergate.console.session import FailureLimit, Sessions
 from metergate.errors import GatewayError
 from metergate.ledger import ApiKey, Ledger, LedgerError
-from metergate.ledger.store import Adjustment
+from metergate.ledger.store import Adjustment, Aggregate
 from metergate.periods import PERIODS, parse_day
 from metergate.reports import (
     build_report,
     chargeback_groups,
     chargeback_markdown,
+    day_bounds,
     month_bounds,
     parse_tag_filter,
     statement_subject,
@@ -41,8 +45,10 @@ from metergate.usage import from_pusd
 
 if TYPE_CHECKING:
     from metergate.exchange import RequestBody
+    from metergate.metrics import Meter
 
 ADMIN_TOKEN_ENV = "METERGATE_ADMIN_TOKEN"
+SERIES_STEP_S = 900  # quarter hours fold into local hours and days in every timezone
 
 
 class KeyCreate(BaseModel):
@@ -191,12 +197,20 @@ Handler = Callable[[dict[str, str], bytes, list[str]], Awaitable[tuple[int, Any,
 
 class AdminApi:
     def __init__(
-        self, guard: BudgetGuard, ledger: Ledger | None, on_key: Callable[[str, Principal | None], None]
+        self,
+        guard: BudgetGuard,
+        ledger: Ledger | None,
+        on_key: Callable[[str, Principal | None], None],
+        meter: Meter | None = None,
     ) -> None:
         self.guard = guard
         self.ledger = ledger
         self.on_key = on_key
+        self.meter = meter
         self.token = os.environ.get(ADMIN_TOKEN_ENV) or None
+        # The console's signed session cookie is the other way in (console/session.py).
+        self.sessions = Sessions(self.token) if self.token else None
+        self.failures = FailureLimit(20)  # wrong bearer tokens per client address and minute
         self.routes: list[tuple[str, str, Handler]] = [
             ("GET", "/admin/openapi.json", self._openapi),
             ("GET", "/admin/keys", self._list_keys),
@@ -210,17 +224,29 @@ class AdminApi:
             ("GET", "/admin/spend", self._spend),
             ("GET", "/admin/reports", self._report),
             ("GET", "/admin/reports/chargeback", self._chargeback),
+            ("GET", "/admin/overview", self._overview),
+            ("GET", "/admin/series", self._series),
+            ("GET", "/admin/requests", self._requests),
         ]
 
     async def handle(
-        self, method: str, path: str, query: str, headers: dict[str, str], request_body: RequestBody
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        request_body: RequestBody,
+        *,
+        via_console: bool = False,
+        client: str = "",
     ) -> tuple[int, bytes, str]:
-        """Answers one admin request; the body is read only after the token is checked."""
+        """Answers one admin request; the body is read only after the token is checked. `via_console`: asked
+        under /console/admin/, where the console's session cookie is accepted too."""
         if self.token is None:
             return _error(404, f"the admin API is off: set {ADMIN_TOKEN_ENV} to enable it")
-        presented = headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if path != "/admin/openapi.json" and not hmac.compare_digest(presented.encode(), self.token.encode()):
-            return _error(401, "missing or wrong admin token")
+        refusal = self._refusal(method, path, headers, via_console, client)
+        if refusal is not None:
+            return refusal
         try:
             body = await request_body.read()
         except GatewayError as exc:
@@ -244,6 +270,34 @@ class AdminApi:
         if any(_match(p, path) is not None for _, p, _ in self.routes):
             return _error(405, f"{method} is not allowed on {path}")
         return _error(404, f"no admin route {path}")
+
+    def _refusal(
+        self, method: str, path: str, headers: dict[str, str], via_console: bool, client: str
+    ) -> tuple[int, bytes, str] | None:
+        """None when the request may proceed: the bearer token, or under /console/admin/ the console's session
+        cookie (with the session's CSRF token in x-csrf-token, from this origin, for anything but a read)."""
+        assert self.token is not None and self.sessions is not None
+        if path == "/admin/openapi.json":
+            return None
+        presented = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if presented:
+            if self.failures.blocked(client):
+                return _error(429, "too many wrong admin tokens from this address: wait a minute")
+            if hmac.compare_digest(presented.encode(), self.token.encode()):
+                return None
+            self.failures.failed(client)
+            return _error(401, "missing or wrong admin token")
+        nonce = self.sessions.nonce(headers.get("cookie")) if via_console else None
+        if nonce is None:
+            return _error(401, "missing or wrong admin token")
+        public_url = self.guard.config.server.public_url
+        if headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+            return _error(403, "the console's session works from the console's own pages only")
+        if method not in ("GET", "HEAD") and not (
+            same_origin(headers, public_url) and self.sessions.csrf_ok(nonce, headers.get("x-csrf-token"))
+        ):
+            return _error(403, "a change from the console needs its CSRF token (x-csrf-token) and its own origin")
+        return None
 
     def _need_ledger(self) -> Ledger:
         if self.ledger is None:
@@ -325,7 +379,7 @@ class AdminApi:
     async def _report(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
         ledger = self._need_ledger()
         fmt = _format(params, "json", "csv")
-        start, end = _dates(params)
+        start, end = _dates(params, self.guard.tz)
         by = [d for d in params.get("by", "team,app,model").split(",") if d]
         report = await build_report(ledger, start, end, by, self.guard.tz, report_filters(params))
         if fmt == "csv":
@@ -347,6 +401,151 @@ class AdminApi:
         if fmt == "csv":
             return 200, to_csv(report), "text/csv; charset=utf-8"
         return 200, chargeback_markdown(statement_subject(filters), month, report), "text/markdown; charset=utf-8"
+
+    # --- the console's reads ---------------------------------------------------------------------------------------
+
+    async def _overview(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        ledger = self._need_ledger()
+        tz, now = self.guard.tz, self.guard.clock.now()
+        spans = {p: self.guard.tracker.window(p, now) for p in ("day", "week", "month")}
+        today = now.astimezone(tz).date()
+        lo = min(w.start.timestamp() for w in spans.values())
+        hi = day_bounds(today, today, tz)[1]
+        month_lo = spans["month"].start.timestamp()
+        await ledger.flush_now()
+        # Three queries on the reading connection, whatever the number of teams: the page refreshes every few s.
+        buckets = await ledger.read(lambda st: st.cost_series(lo, hi, SERIES_STEP_S, "team"))
+        by_app = await ledger.read(lambda st: st.aggregate(month_lo, hi, ["team", "app"]))
+        by_model = await ledger.read(lambda st: st.aggregate(month_lo, hi, ["provider", "model"]))
+        totals: dict[str, dict[str, int]] = {}
+        for b, team_name, pusd, _ in buckets:
+            for period, w in spans.items():
+                if b * SERIES_STEP_S >= w.start.timestamp():
+                    per = totals.setdefault(str(team_name), {})
+                    per[period] = per.get(period, 0) + pusd
+        forecasts = {r["team"]: r["forecast_usd"] for r in self.guard.spend_rows("month") if r["app"] is None}
+        budgets = {
+            b["team"]: b
+            for b in self.guard.status()
+            if b["period"] == "month" and b["team"] and b["scope"] == b["team"]  # the team's own budget
+        }
+        teams = []
+        for team in sorted(set(totals) | set(budgets)):
+            spent = {period: float(from_pusd(pusd)) for period, pusd in totals.get(team, {}).items()}
+            budget = budgets.get(team)
+            teams.append(
+                {
+                    "team": team,
+                    "today_usd": spent.get("day", 0.0),
+                    "week_usd": spent.get("week", 0.0),
+                    "month_usd": spent.get("month", 0.0),
+                    "forecast_month_usd": max(forecasts.get(team, 0.0), spent.get("month", 0.0)),
+                    "budget_month_usd": budget["limit_usd"] if budget else None,
+                    "budget_action": budget["action"] if budget else None,
+                }
+            )
+
+        def top(aggregates: list[Aggregate], dims: tuple[str, ...]) -> list[dict[str, Any]]:
+            best = sorted(aggregates, key=lambda a: -a.cost_pusd)[:10]
+            return [
+                {
+                    **dict(zip(dims, a.group, strict=True)),
+                    "cost_usd": float(from_pusd(a.cost_pusd)),
+                    "requests": a.requests,
+                }
+                for a in best
+            ]
+
+        traffic = self.meter.traffic() if self.meter is not None else {}
+        return (
+            200,
+            {
+                "timezone": str(tz),
+                "now": now.astimezone(tz).isoformat(timespec="seconds"),
+                "periods": {p: {"from": w.start.date().isoformat(), "to": today.isoformat()} for p, w in spans.items()},
+                "teams": teams,
+                "top_models": top(by_model, ("provider", "model")),
+                "top_apps": top(by_app, ("team", "app")),
+                "traffic": {**traffic, "source": "this replica's counters since it started (as /metrics)"},
+                "tag_keys": list(self.guard.config.attribution.tags),
+            },
+            "application/json",
+        )
+
+    async def _series(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        ledger = self._need_ledger()
+        start, end = _dates(params, self.guard.tz)
+        bucket = params.get("bucket", "day")
+        if bucket not in ("hour", "day"):
+            raise ValueError("bucket must be hour or day")
+        if (end - start).days > (14 if bucket == "hour" else 400):
+            raise ValueError("at most 15 days by the hour, 401 by the day")
+        by = params.get("by", "team")
+        tz = self.guard.tz
+        lo, hi = day_bounds(start, end, tz)
+        filters = report_filters(params)
+        rows = await ledger.read(lambda st: st.cost_series(lo, hi, SERIES_STEP_S, by, filters))
+
+        def fold(step: int) -> float:
+            """The local hour or day a quarter hour belongs to (a repeated hour on a fall-back day stays apart)."""
+            hour = datetime.fromtimestamp(step * SERIES_STEP_S, tz).replace(minute=0, second=0)
+            return (hour if bucket == "hour" else hour.replace(hour=0)).timestamp()
+
+        points: dict[tuple[float, str | None], list[int]] = {}
+        for b, group, pusd, n in rows:
+            point = points.setdefault((fold(b), group), [0, 0])
+            point[0] += pusd
+            point[1] += n
+        out = [
+            {
+                "t": datetime.fromtimestamp(ts, tz).isoformat(timespec="minutes"),
+                "ts": int(ts),
+                by: group,
+                "cost_usd": float(from_pusd(pusd)),
+                "requests": n,
+            }
+            for (ts, group), (pusd, n) in sorted(points.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+        ]
+        # Every bucket of the range, so that a chart shows the days (or hours) without spend as zero; folded the same
+        # way as the points, so clock changes neither drop nor repeat an hour.
+        first, last = int(lo) // SERIES_STEP_S, int(hi) // SERIES_STEP_S
+        starts = sorted({int(fold(step)) for step in range(first, last)})
+        return (
+            200,
+            {"bucket": bucket, "by": by, "timezone": str(tz), "buckets": starts, "points": out},
+            "application/json",
+        )
+
+    async def _requests(self, params: dict[str, str], body: bytes, args: list[str]) -> tuple[int, Any, str]:
+        ledger = self._need_ledger()
+        try:
+            limit = int(params.get("limit", "100"))
+        except ValueError:
+            raise ValueError("limit must be a whole number") from None
+        if not 1 <= limit <= 1000:
+            raise ValueError("limit must be between 1 and 1000")
+        status = params.get("status", "")
+        if status not in ("", "ok", "error"):
+            raise ValueError("status must be ok or error")
+        tz = self.guard.tz
+        if "from" in params or "to" in params:
+            lo, hi = day_bounds(*_dates(params, self.guard.tz), tz)
+        else:
+            hi = self.guard.clock.time() + 60
+            lo = hi - 7 * 86400  # the last week unless dates say otherwise: the newest rows are the point
+        filters = {d: params[d] for d in ("team", "app", "model", "provider") if params.get(d)}
+        filters |= report_filters({"tag": params["tag"]}) if params.get("tag") else {}
+        failed = {"": None, "ok": False, "error": True}[status]
+        rows = await ledger.read(lambda st: st.recent(lo, hi, limit, filters, failed))
+        out = []
+        for r in rows:
+            cost = r.pop("cost_pusd")
+            r["time"] = datetime.fromtimestamp(r["started_at"], tz).isoformat(timespec="seconds")
+            r["cost_usd"] = float(from_pusd(cost))
+            r["stream"], r["priced"] = bool(r["stream"]), bool(r["priced"])
+            r["user"] = r.pop("end_user")
+            out.append(r)
+        return 200, out, "application/json"
 
 
 def adjustment_info(a: Adjustment) -> AdjustmentInfo:
@@ -413,8 +612,8 @@ def _key_info(k: ApiKey) -> KeyInfo:
     )
 
 
-def _dates(params: dict[str, str]) -> tuple[date, date]:
-    today = date.today()
+def _dates(params: dict[str, str], tz: ZoneInfo | None = None) -> tuple[date, date]:
+    today = datetime.now(tz).date()
     start = parse_day(params["from"]) if "from" in params else today.replace(day=1)
     end = parse_day(params["to"]) if "to" in params else today
     return start, end
@@ -568,6 +767,38 @@ def openapi_schema() -> dict[str, Any]:
                 "responses": ok({"type": "string"}, media="text/markdown"),
             }
         },
+    }
+    paths["/admin/overview"] = {
+        "get": {
+            "summary": "Spend today, this week and month to date per team with forecast and budget; top models "
+            "and apps; this replica's error rate and latency quantiles (the console's overview)",
+            "responses": ok({"type": "object"}),
+        }
+    }
+    paths["/admin/series"] = {
+        "get": {
+            "summary": "Spend per local hour or day and per team, app or model: the points of a chart",
+            "parameters": [
+                *date_param,
+                {"name": "bucket", "in": "query", "schema": {"enum": ["hour", "day"]}},
+                {"name": "by", "in": "query", "schema": {"type": "string"}, "example": "app"},
+                *filter_params,
+            ],
+            "responses": ok({"type": "object"}),
+        }
+    }
+    paths["/admin/requests"] = {
+        "get": {
+            "summary": "The latest ledger rows, newest first",
+            "parameters": [
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                *date_param,
+                *filter_params,
+                *({"name": d, "in": "query", "schema": {"type": "string"}} for d in ("app", "model", "provider")),
+                {"name": "status", "in": "query", "schema": {"enum": ["ok", "error"]}},
+            ],
+            "responses": ok({"type": "array", "items": {"type": "object"}}),
+        }
     }
     return {
         "openapi": "3.1.0",

@@ -194,6 +194,7 @@ Cost priced per model instead of a flat rate:
   sum by (team) (llm_total_cost_usd)
 
 Budgets: research has a $5/day hard cap (it starts getting 429s after a while), search a $500/month alert.
+Console: http://{listen}/console/  (admin token: {os.environ.get(ADMIN_TOKEN_ENV, DEMO_ADMIN_TOKEN)})
 Admin API: curl -H "Authorization: Bearer {os.environ.get(ADMIN_TOKEN_ENV, DEMO_ADMIN_TOKEN)}" http://{listen}/admin/budgets
   (reports too: /admin/reports?from=YYYY-MM-DD&to=YYYY-MM-DD&by=team,user,
    /admin/reports?...&by=tag.customer, /admin/reports/chargeback?tag=customer=acme)

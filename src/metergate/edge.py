@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client import make_asgi_app
 
 from metergate.admin import AdminApi
+from metergate.console import SECURITY_HEADERS, Console, Reply
 from metergate.dispatch import Dispatcher
 from metergate.errors import GatewayError
 from metergate.exchange import InboundRequest
@@ -178,8 +179,10 @@ class ApiApp:
         limits: EdgeLimits,
         admin: AdminApi | None = None,
         websockets: ASGIApp | None = None,
+        console: Console | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        self.console = console
         self.websockets = websockets  # WebSocket sessions (realtime.RealtimeRelay)
         self.limits = limits
         self.admin = admin
@@ -200,14 +203,30 @@ class ApiApp:
         path = raw_path.decode("latin-1")
         query = scope["query_string"].decode("latin-1")
         limits = self.limits
-        if self.admin is not None and path.startswith("/admin/"):
+        via_console = path.startswith("/console/admin/")
+        if self.admin is not None and (path.startswith("/admin/") or via_console):
             body = AsgiBody(receive, headers, limits.admin_body_bytes)
-            status, payload, content_type = await self.admin.handle(scope["method"], path, query, headers, body)
-            response_headers = [(b"content-type", content_type.encode())]
+            status, payload, content_type = await self.admin.handle(
+                scope["method"],
+                path.removeprefix("/console"),
+                query,
+                headers,
+                body,
+                via_console=via_console,
+                client=(scope.get("client") or ("",))[0],
+            )
+            response_headers = [
+                (b"content-type", content_type.encode()),
+                (b"cache-control", b"no-store"),
+                (b"x-content-type-options", b"nosniff"),
+            ]
             if not body.finished:
                 response_headers.append((b"connection", b"close"))
             await send({"type": "http.response.start", "status": status, "headers": response_headers})
             await send({"type": "http.response.body", "body": payload})
+            return
+        if self.console is not None and (path == "/console" or path.startswith("/console/")):
+            await self._console(scope, receive, send, path, headers)
             return
         request = InboundRequest(
             method=scope["method"],
@@ -222,6 +241,28 @@ class ApiApp:
             await self.dispatcher.handle(request, responder)
         finally:
             responder.close()
+
+    async def _console(self, scope: Scope, receive: Receive, send: Send, path: str, headers: dict[str, str]) -> None:
+        assert self.console is not None
+        body = AsgiBody(receive, headers, 64 * 1024)
+        try:
+            data = await body.read()
+        except GatewayError as exc:
+            data, reply = b"", Reply(exc.status, exc.message.encode(), [("content-type", "text/plain")])
+        else:
+            client = (scope.get("client") or ("",))[0]
+            reply = await self.console.handle(scope["method"], path, headers, data, client)
+        out = [(k.encode(), v.encode()) for k, v in reply.headers]
+        names = {k for k, _ in reply.headers}
+        if "content-type" not in names:
+            out.append((b"content-type", b"text/html; charset=utf-8"))
+        if "cache-control" not in names:
+            out.append((b"cache-control", b"no-store"))
+        out += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS]
+        if not body.finished:
+            out.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": reply.status, "headers": out})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else reply.body})
 
 
 def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str], GatewayError | None]:

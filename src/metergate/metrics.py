@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import version
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -75,6 +76,24 @@ class _Histogram:
         return out
 
 
+def histogram_quantile(q: float, bounds: tuple[float, ...], counts: list[int]) -> float | None:
+    """The q-quantile of a histogram as Prometheus's histogram_quantile computes it: linear within the bucket the
+    rank falls in; the highest finite bound when it falls in +Inf; None without observations."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    running = 0
+    for i, n in enumerate(counts):
+        if running + n >= rank and n:
+            if i == len(bounds):
+                return bounds[-1]
+            low = bounds[i - 1] if i > 0 else 0.0
+            return low + (bounds[i] - low) * (rank - running) / n
+        running += n
+    return bounds[-1]
+
+
 class _Series:
     """Everything counted for one label set."""
 
@@ -119,6 +138,27 @@ class Meter(Collector):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         self._build = {"version": version("metergate"), "genai_prices": version("genai-prices")}
+
+    def traffic(self, team: str | None = None) -> dict[str, Any]:
+        """Requests, errors and latency quantiles counted by this process since it started (of one team), for the
+        console: the same counters /metrics exposes, with the quantiles `histogram_quantile` would give."""
+        counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        requests = errors = 0
+        for key, s in list(self._series.items()):
+            if team is not None and key[0] != team:
+                continue
+            requests += s.requests
+            if int(key[5]) >= 400:
+                errors += s.requests
+            for i, n in enumerate(s.latency.counts):
+                counts[i] += n
+        return {
+            "requests": requests,
+            "errors": errors,
+            "error_rate": errors / requests if requests else 0.0,
+            "latency_p50_s": histogram_quantile(0.5, LATENCY_BUCKETS, counts),
+            "latency_p95_s": histogram_quantile(0.95, LATENCY_BUCKETS, counts),
+        }
 
     def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """More metric families computed at scrape time (budget and spend gauges)."""

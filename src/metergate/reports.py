@@ -83,11 +83,10 @@ async def build_report(
     if end < start:
         raise ValueError(f"--to {end} is before --from {start}")
     await ledger.flush_now()
-    store = await ledger.store()
     lo, hi = day_bounds(start, end, tz)
-    aggregates = await ledger.call(store.aggregate, lo, hi, list(by), filters)
+    aggregates = await ledger.read(lambda s: s.aggregate(lo, hi, list(by), filters))
     rows = rows_of(aggregates, by)
-    units = await ledger.call(store.unit_totals, lo, hi, list(by), filters)
+    units = await ledger.read(lambda s: s.unit_totals(lo, hi, list(by), filters))
     if units:
         by_group = {tuple(row[d] for d in by): row for row in rows}
         for group, unit, quantity in units:

@@ -27,6 +27,7 @@ from metergate.batches import BatchMeter, LedgerBatchStore, MemoryBatchStore, ba
 from metergate.budgets import BudgetGuard
 from metergate.config import Config, ConfigError, ServerConfig, parse_hostport
 from metergate.connections import ConnectionLimits, ConnectionStats, guarded_protocol, raise_open_file_limit
+from metergate.console import Console
 from metergate.dispatch import Dispatcher
 from metergate.edge import ApiApp, EdgeLimits, MetricsApp
 from metergate.exchange import Recorder, UpstreamClients
@@ -69,6 +70,7 @@ class Runtime:
     # Started in order before the listeners, stopped in reverse after them (the ledger flushes last).
     services: list[Service] = field(default_factory=list)
     realtime: RealtimeRelay | None = None
+    console: Console | None = None
 
 
 class _LedgerService(Service):
@@ -235,11 +237,12 @@ def build_runtime(config: Config) -> Runtime:
         if reconciler.providers:
             meter.add_collector(reconciler.collect)
             services.append(_ReconcilerService(reconciler))
-    admin = AdminApi(guard, ledger, key_changed)
+    admin = AdminApi(guard, ledger, key_changed, meter)
+    console = Console(admin.sessions, config.server.timezone, config.server.public_url)
     realtime = RealtimeRelay(
         config, keys, labels, router, clients, recorder, guard, dispatcher.next_id, guard.clock.time, attribution
     )
-    return Runtime(config, dispatcher, meter, guard, ledger, admin, services, realtime)
+    return Runtime(config, dispatcher, meter, guard, ledger, admin, services, realtime, console)
 
 
 class SignalFreeServer(uvicorn.Server):
@@ -367,7 +370,7 @@ async def serve(
     )
     api = SignalFreeServer(
         _uvicorn_config(
-            ApiApp(runtime.dispatcher, edge, runtime.admin, runtime.realtime),
+            ApiApp(runtime.dispatcher, edge, runtime.admin, runtime.realtime, runtime.console),
             server.listen,
             server.shutdown_timeout_s,
             api_protocol,

@@ -165,6 +165,10 @@ class Ledger:
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metergate-ledger")
         self._store: Store | None = None
+        # Reports and the console read on a connection and thread of their own: a long query never holds up the
+        # writer, and a busy writer never holds up a page (SQLite in WAL mode, PostgreSQL: concurrent readers).
+        self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metergate-ledger-read")
+        self._reader: Store | None = None
         self._pending: list[tuple[Any, ...]] = []
         # The batch being written; if shutdown cuts the write short it is spooled, not lost (replay is idempotent).
         self._inflight: list[tuple[Any, ...]] = []
@@ -209,11 +213,33 @@ class Ledger:
             with contextlib.suppress(Exception):
                 await self.call(self._store.close)
         self._executor.shutdown(wait=True)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.get_running_loop().run_in_executor(self._read_executor, reader.close)
+        self._read_executor.shutdown(wait=True)
         self.spool.close()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store operation on the ledger's own thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def read(self, query: Callable[[Store], T]) -> T:
+        """Run a read-only query on the reading connection (opened on first use, reopened after an error)."""
+        await self.store()  # the database exists and is migrated
+
+        def run() -> T:
+            if self._reader is None:
+                self._reader = open_store(self.config.url)
+            try:
+                return query(self._reader)
+            except LedgerError:
+                with contextlib.suppress(Exception):
+                    self._reader.close()
+                self._reader = None
+                raise
+
+        return await asyncio.get_running_loop().run_in_executor(self._read_executor, run)
 
     async def store(self) -> Store:
         store = await self._ensure_store()

@@ -292,6 +292,48 @@ class Store(ABC):
         n = len(by)
         return [(_group(row[:n]), str(row[n]), int(row[n + 1])) for row in rows]
 
+    def cost_series(
+        self, since: float, until: float, bucket_s: int, by: str, filters: Mapping[str, str] | None = None
+    ) -> list[tuple[int, str | None, int, int]]:
+        """(bucket, group, cost in pico-USD, requests) per bucket = floor(started_at / bucket_s) and value of the
+        dimension `by`, over requests matching every filter: the points of a spend chart."""
+        bucket = (
+            f"CAST(started_at / {int(bucket_s)} AS INTEGER)"
+            if self.dialect == "sqlite"
+            else f"FLOOR(started_at / {int(bucket_s)})::BIGINT"
+        )
+        where, params = self._where(since, until, filters)
+        rows = self._execute(
+            f"SELECT {bucket} AS b, {self.dimension_sql(by)}, COALESCE(SUM(cost_pusd), 0), COUNT(*) "
+            f"FROM usage_records WHERE {where} GROUP BY 1, 2 ORDER BY 1, 2",
+            params,
+        )
+        return [(int(b), None if g is None else str(g), int(c), int(n)) for b, g, c, n in rows]
+
+    def recent(
+        self,
+        since: float,
+        until: float,
+        limit: int,
+        filters: Mapping[str, str] | None = None,
+        failed: bool | None = None,
+    ) -> list[dict[str, Any]]:
+        """The newest records first (at most `limit`), matching every filter; `failed` keeps only errors (True) or
+        only successes (False)."""
+        where, params = self._where(since, until, filters)
+        if failed is not None:
+            where += " AND error_type IS NOT NULL" if failed else " AND error_type IS NULL"
+        columns = (
+            "request_id, started_at, team, app, key_id, provider, model, endpoint, code, stream, tokens_in, "
+            "tokens_out, tokens_cached, cost_pusd, priced, latency_s, ttft_s, error_type, end_user"
+        )
+        rows = self._execute(
+            f"SELECT {columns} FROM usage_records WHERE {where} ORDER BY started_at DESC LIMIT {int(limit)}",
+            params,
+        )
+        names = [c.strip() for c in columns.split(",")]
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
     def provider_days(self, since: float, until: float) -> list[ProviderDay]:
         """Per UTC day, provider and model sent upstream: what the gateway metered, for reconciliation with the
         provider's own bill (whose buckets are UTC days). Every row's tokens and cost count; requests refused before
