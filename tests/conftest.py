@@ -219,6 +219,11 @@ def admin(gw: Gateway, method: str, path: str, **kw: Any) -> httpx.Response:
     return httpx.request(method, f"{gw.url}{path}", headers={"authorization": f"Bearer {token}"}, **kw)
 
 
+def sqlite_ledger(tmp: Path) -> str:
+    """The config line of a SQLite ledger in `tmp` (ledger.db) that flushes quickly, for tests that read it back."""
+    return f'ledger: {{url: "sqlite:///{tmp}/ledger.db", flush_interval_s: 0.05}}\n'
+
+
 def make_gateway(tmp: Path, sim_url: str, env: dict[str, str] | None = None, **sections: str) -> Gateway:
     listen, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     config = tmp / f"gateway-{uuid.uuid4().hex[:6]}.yaml"

@@ -20,7 +20,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from metergate.console import CSP
-from tests.conftest import KEYS, Gateway, cli, make_gateway, system_tool
+from tests.conftest import KEYS, Gateway, cli, make_gateway, sqlite_ledger, system_tool
 
 TOKEN = "console-test-admin-token-5f1c2e"
 TZ = "Europe/Paris"
@@ -36,8 +36,7 @@ VENDORED = {  # tests/../src/metergate/console/static/vendor/VENDORED.md
 def gw(simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("console")
     extra = (
-        f'ledger: {{url: "sqlite:///{tmp}/ledger.db", flush_interval_s: 0.05}}\n'
-        "attribution: {tags: [customer]}\n"
+        sqlite_ledger(tmp) + "attribution: {tags: [customer]}\n"
         "budgets:\n"
         "  - {team: search, period: month, limit_usd: 50, action: alert}\n"
         "  - {team: ads, period: day, limit_usd: 0.05, action: block}\n"

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from metergate.focus import COLUMNS
-from tests.conftest import KEYS, Gateway, cli, make_gateway
+from tests.conftest import KEYS, Gateway, cli, make_gateway, sqlite_ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 VALIDATOR = ROOT / ".venv-focus" / "bin" / "focus-validator"
@@ -46,8 +46,7 @@ def validate(path: Path) -> str:
 def gw(simulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("focus")
     extra = (
-        f'ledger: {{url: "sqlite:///{tmp}/ledger.db", flush_interval_s: 0.05}}\n'
-        'prices:\n  - {provider: openai, model: "gpt-4.1", input_mtok: 1.5, output_mtok: 6.0}\n'
+        sqlite_ledger(tmp) + 'prices:\n  - {provider: openai, model: "gpt-4.1", input_mtok: 1.5, output_mtok: 6.0}\n'
         "attribution: {tags: [customer, env]}\n"
     )
     g = make_gateway(

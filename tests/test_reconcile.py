@@ -20,7 +20,7 @@ from metergate.reconcile.bill import model_key
 from metergate.simulator import SimulatorThread
 from metergate.simulator.admin import presented_key
 from metergate.simulator.billing import PriceList, billed, key_id
-from tests.conftest import KEYS, PROVIDER_ENV, Gateway, cli, make_gateway, wait_for
+from tests.conftest import KEYS, PROVIDER_ENV, Gateway, cli, make_gateway, sqlite_ledger, wait_for
 
 BYPASS_OPENAI = "sk-bypass-team-laptop-0001"
 BYPASS_ANTHROPIC = "sk-ant-bypass-notebook-0002"
@@ -35,10 +35,6 @@ def reconcile_yaml(extra: str = "") -> str:
         f"  openai: {{admin_key_env: OPENAI_ADMIN_KEY{extra}}}\n"
         f"  anthropic: {{admin_key_env: ANTHROPIC_ADMIN_KEY{extra}}}\n"
     )
-
-
-def ledger_yaml(tmp: Path) -> str:
-    return f'ledger: {{url: "sqlite:///{tmp}/ledger.db", flush_interval_s: 0.05}}\n'
 
 
 # gpt-4.1 is priced below the provider's list price in the config: a negotiated price that drifted from the bill.
@@ -59,7 +55,7 @@ def sim() -> Iterator[SimulatorThread]:
 @pytest.fixture(scope="module")
 def gw(sim: SimulatorThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("reconcile")
-    g = make_gateway(tmp, sim.url, env=ADMIN_ENV, extra=ledger_yaml(tmp) + PRICE_OVERRIDE + reconcile_yaml()).start()
+    g = make_gateway(tmp, sim.url, env=ADMIN_ENV, extra=sqlite_ledger(tmp) + PRICE_OVERRIDE + reconcile_yaml()).start()
     yield g
     g.stop()
 
@@ -112,6 +108,19 @@ def traffic(gw: Gateway, sim: SimulatorThread) -> None:
                 "x-sim-cache-write-1h-tokens": "200",
             },
         )
+    # a client that hangs up mid-stream: the gateway reads the rest for its usage and records a 499 with it
+    cut_short = anthropic.Anthropic(
+        base_url=gw.url,
+        api_key=KEYS[SCOPE],
+        max_retries=0,
+        default_headers={"x-sim-chunks": "25", "x-sim-chunk-delay-ms": "20", "x-sim-output-tokens": "250"},
+    )
+    with cut_short.messages.stream(
+        model="claude-haiku-4-5", max_tokens=1000, messages=[{"role": "user", "content": "hello"}]
+    ) as events:
+        for i, _ in enumerate(events):
+            if i == 3:
+                break
     direct = openai.OpenAI(base_url=sim.url + "/v1", api_key=BYPASS_OPENAI, max_retries=0)
     chat(direct, "gpt-4o-mini", **{"x-sim-input-tokens": "5000"})
     direct_an = anthropic.Anthropic(base_url=sim.url, api_key=BYPASS_ANTHROPIC, max_retries=0)
@@ -177,6 +186,14 @@ def test_priced_traffic_through_the_gateway_matches_the_bill_exactly(
     assert claude["provider_tokens_cache_write"] == 1200 and claude["provider_tokens_cached"] == 1000
     totals = {t["provider"]: t for t in doc["providers"]}
     assert totals["anthropic"]["ratio"] == 1.0 and totals["anthropic"]["gap_usd"] == "0"
+
+
+def test_a_client_gone_mid_stream_is_billed_and_metered_alike(gw: Gateway, traffic: None) -> None:
+    r = wait_for(lambda: (x := row(run(gw), "anthropic", "claude-haiku-4-5")) and x["gateway_tokens_out"] and x)
+    assert r["causes"] == ["match"], r
+    assert r["gateway_requests"] == 1 and r["gateway_failed_requests"] == 0  # a 499 whose usage was read
+    assert r["gateway_tokens_out"] == r["provider_tokens_out"] == 250
+    assert r["gap_usd"] == "0" and r["gateway_cost_usd"] != "0"
 
 
 def test_traffic_around_the_gateway_is_bypass_on_its_own_key(gw: Gateway, sim: SimulatorThread, traffic: None) -> None:

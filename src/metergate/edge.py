@@ -203,31 +203,13 @@ class ApiApp:
         path = raw_path.decode("latin-1")
         query = scope["query_string"].decode("latin-1")
         limits = self.limits
-        via_console = path.startswith("/console/admin/")
-        if self.admin is not None and (path.startswith("/admin/") or via_console):
-            body = AsgiBody(receive, headers, limits.admin_body_bytes)
-            status, payload, content_type = await self.admin.handle(
-                scope["method"],
-                path.removeprefix("/console"),
-                query,
-                headers,
-                body,
-                via_console=via_console,
-                client=(scope.get("client") or ("",))[0],
-            )
-            response_headers = [
-                (b"content-type", content_type.encode()),
-                (b"cache-control", b"no-store"),
-                (b"x-content-type-options", b"nosniff"),
-            ]
-            if not body.finished:
-                response_headers.append((b"connection", b"close"))
-            await send({"type": "http.response.start", "status": status, "headers": response_headers})
-            await send({"type": "http.response.body", "body": payload})
-            return
-        if self.console is not None and (path == "/console" or path.startswith("/console/")):
-            await self._console(scope, receive, send, path, headers)
-            return
+        if path.startswith(("/admin/", "/console")):  # one check on the way of LLM traffic
+            if self.admin is not None and path.startswith(("/admin/", "/console/admin/")):
+                await self._admin(scope, receive, send, path, query, headers)
+                return
+            if self.console is not None and (path == "/console" or path.startswith("/console/")):
+                await self._console(scope, receive, send, path, headers)
+                return
         request = InboundRequest(
             method=scope["method"],
             path=path,
@@ -241,6 +223,31 @@ class ApiApp:
             await self.dispatcher.handle(request, responder)
         finally:
             responder.close()
+
+    async def _admin(
+        self, scope: Scope, receive: Receive, send: Send, path: str, query: str, headers: dict[str, str]
+    ) -> None:
+        """The admin API, under /admin/ (bearer token) or /console/admin/ (the console's session cookie too)."""
+        assert self.admin is not None
+        body = AsgiBody(receive, headers, self.limits.admin_body_bytes)
+        status, payload, content_type = await self.admin.handle(
+            scope["method"],
+            path.removeprefix("/console"),
+            query,
+            headers,
+            body,
+            via_console=path.startswith("/console/"),
+            client=(scope.get("client") or ("",))[0],
+        )
+        response_headers = [
+            (b"content-type", content_type.encode()),
+            (b"cache-control", b"no-store"),
+            (b"x-content-type-options", b"nosniff"),
+        ]
+        if not body.finished:
+            response_headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": payload})
 
     async def _console(self, scope: Scope, receive: Receive, send: Send, path: str, headers: dict[str, str]) -> None:
         assert self.console is not None

@@ -26,6 +26,7 @@ from metergate.config import Config
 from metergate.ledger import Ledger
 from metergate.ledger.store import Aggregate
 from metergate.pricing import PriceBook
+from metergate.reports import spreadsheet_safe
 from metergate.usage import from_pusd
 
 FOCUS_VERSION = "1.0"
@@ -300,11 +301,11 @@ def _text(column: str, value: Any) -> str:
     if column in TIMES:
         return str(value.strftime("%Y-%m-%dT%H:%M:%SZ"))
     text = str(value)
+    if column in INTEGERS:
+        return text
     # Free text (a user id from a client) must not run as a spreadsheet formula when the file is opened; names
     # that are plain labels (`-ops`) cannot, and are kept as they are so that every column agrees with Tags.
-    if text[:1] in ("=", "+", "-", "@", "\t", "\r") and column not in INTEGERS and not _LABEL.match(text):
-        return "'" + text
-    return text
+    return spreadsheet_safe(text, _LABEL.match)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -171,12 +171,18 @@ def to_csv(report: Report) -> str:
     return out.getvalue()
 
 
+def spreadsheet_safe(text: str, harmless: Callable[[str], object] | None = None) -> str:
+    """Text for a CSV cell: a spreadsheet would run a cell starting with = + - @ as a formula (OWASP "CSV
+    injection"), so such a cell is prefixed with a quote, unless `harmless` says it cannot be one (a number, a
+    plain label)."""
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r") and not (harmless is not None and harmless(text)):
+        return "'" + text
+    return text
+
+
 def _text_cell(value: str | None) -> str:
-    """A group value for a CSV cell: users and tag values come from clients, and a spreadsheet would run a cell
-    starting with = + - @ as a formula (OWASP "CSV injection"): such a cell is prefixed with a quote."""
-    if value is None:
-        return ""
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+    """A group value for a CSV cell: users and tag values come from clients."""
+    return "" if value is None else spreadsheet_safe(value)
 
 
 def units_cell(row: dict[str, Any]) -> str:

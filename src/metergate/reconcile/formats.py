@@ -13,6 +13,7 @@ import orjson
 
 from metergate.reconcile.bill import day_of
 from metergate.reconcile.compare import Reconciliation
+from metergate.reports import spreadsheet_safe
 
 CSV_FIELDS = (
     "date",
@@ -68,8 +69,8 @@ def to_json(results: Sequence[Reconciliation]) -> bytes:
 def _cell(value: Any) -> Any:
     if isinstance(value, list):
         return " ".join(value)
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") and not _number(value):
-        return "'" + value  # model names and key ids come from the provider: never a spreadsheet formula
+    if isinstance(value, str):
+        return spreadsheet_safe(value, _number)  # model names and key ids come from the provider
     return "" if value is None else value
 
 

@@ -96,47 +96,48 @@ class PeriodicReconciler:
         self._tasks.clear()
 
     def collect(self) -> Iterator[Metric]:
+        if not self.outcomes:
+            return
         window = "over the last finished UTC days (reconcile.<provider>.lookback_days), the gateway's own keys"
-        gap = GaugeMetricFamily(
-            "llm_reconciliation_gap_usd", f"Provider-billed minus gateway-metered cost {window}.", labels=["provider"]
+        # name, help, the value for a provider
+        gauges: tuple[tuple[str, str, Callable[[str, _Outcome], float]], ...] = (
+            ("gap_usd", f"Provider-billed minus gateway-metered cost {window}.", lambda n, o: o.gap_usd),
+            (
+                "ratio",
+                f"Provider-billed over gateway-metered cost {window} (1 = exact; NaN before the first one).",
+                lambda n, o: o.ratio,
+            ),
+            (
+                "tolerance_ratio",
+                "reconcile.<provider>.tolerance_ratio: how far the ratio may stray from 1 before LLMReconciliationGap.",
+                lambda n, o: self.providers[n].tolerance_ratio,
+            ),
+            (
+                "tolerance_usd",
+                "reconcile.<provider>.tolerance_usd: the smallest gap in USD LLMReconciliationGap fires for.",
+                lambda n, o: self.providers[n].tolerance_usd,
+            ),
+            (
+                "bypass_usd",
+                "Cost the provider billed under API keys the gateway does not use, over the same days.",
+                lambda n, o: o.bypass_usd,
+            ),
+            (
+                "last_success_timestamp_seconds",
+                "When the provider's reports were last read in full (0: never).",
+                lambda n, o: o.last_success,
+            ),
         )
-        ratio = GaugeMetricFamily(
-            "llm_reconciliation_ratio",
-            f"Provider-billed over gateway-metered cost {window} (1 = exact; NaN before the first reconciliation).",
-            labels=["provider"],
-        )
-        tolerance = GaugeMetricFamily(
-            "llm_reconciliation_tolerance_ratio",
-            "reconcile.<provider>.tolerance_ratio: how far the ratio may stray from 1 before LLMReconciliationGap.",
-            labels=["provider"],
-        )
-        tolerance_usd = GaugeMetricFamily(
-            "llm_reconciliation_tolerance_usd",
-            "reconcile.<provider>.tolerance_usd: the smallest gap in USD LLMReconciliationGap fires for.",
-            labels=["provider"],
-        )
-        bypass = GaugeMetricFamily(
-            "llm_reconciliation_bypass_usd",
-            "Cost the provider billed under API keys the gateway does not use, over the same days.",
-            labels=["provider"],
-        )
-        success = GaugeMetricFamily(
-            "llm_reconciliation_last_success_timestamp_seconds",
-            "When the provider's reports were last read in full (0: never).",
-            labels=["provider"],
-        )
+        for suffix, text, value in gauges:
+            family = GaugeMetricFamily(f"llm_reconciliation_{suffix}", text, labels=["provider"])
+            for name, outcome in self.outcomes.items():
+                family.add_metric([name], value(name, outcome))
+            yield family
         errors = CounterMetricFamily(
             "llm_reconciliation_errors",
             "Reconciliations that could not read the provider's reports.",
             labels=["provider"],
         )
-        for name, o in self.outcomes.items():
-            gap.add_metric([name], o.gap_usd)
-            ratio.add_metric([name], o.ratio)
-            tolerance.add_metric([name], self.providers[name].tolerance_ratio)
-            tolerance_usd.add_metric([name], self.providers[name].tolerance_usd)
-            bypass.add_metric([name], o.bypass_usd)
-            success.add_metric([name], o.last_success)
-            errors.add_metric([name], o.errors)
-        if self.outcomes:
-            yield from (gap, ratio, tolerance, tolerance_usd, bypass, success, errors)
+        for name, outcome in self.outcomes.items():
+            errors.add_metric([name], outcome.errors)
+        yield errors
