@@ -324,3 +324,18 @@ def test_corrupted_sqlite_at_startup_keeps_traffic_flowing(simulator, tmp_path: 
     # Nothing was lost: the five records wait in the spool for a usable database.
     spool = Path(str(path) + ".spool")
     assert len(spool.read_text().splitlines()) == 5
+
+
+def test_a_filter_with_a_nul_is_refused_before_it_reaches_the_database(ledger_url: str) -> None:
+    """PostgreSQL refuses a NUL in a parameter (the query would fail with a 500); no stored value has one."""
+    store = open_store(ledger_url)
+    store.migrate()
+    for query in (
+        lambda: store.aggregate(0, 1e10, ["team"], {"team": "a\x00b"}),
+        lambda: store.recent(0, 1e10, 10, {"tag.customer": "\x00"}),
+        lambda: store.cost_series(0, 1e10, 900, "team", {"team": "x" * 2000}),
+    ):
+        with pytest.raises(ValueError, match="NUL or past 1024"):
+            query()
+    assert store.recent(0, 1e10, 10, {"team": "nobody"}) == []
+    store.close()

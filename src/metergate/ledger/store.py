@@ -233,6 +233,10 @@ class Store(ABC):
         where = f"{alias}started_at >= {p} AND {alias}started_at < {p}"
         params: list[Any] = [since, until]
         for dim, value in (filters or {}).items():
+            # The ledger never stores a NUL or an unbounded string, and PostgreSQL refuses a NUL in a parameter:
+            # such a filter is a mistake to report, not a query to send.
+            if "\x00" in value or len(value) > 1024:
+                raise ValueError(f"a {dim} filter of {len(value)} characters with a NUL or past 1024 matches nothing")
             where += f" AND {self.dimension_sql(dim, alias)} = {p}"
             params.append(value)
         return where, params
